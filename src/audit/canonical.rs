@@ -1,0 +1,217 @@
+//! Canonical JSON and the request hash (DESIGN §3).
+//!
+//! The bytes are exactly Python's
+//! `json.dumps(v, sort_keys=True, separators=(',', ':'), ensure_ascii=False)`, so a hash computed
+//! by the seed's tooling (or any auditor's script) over the same messages matches ours. Floats
+//! follow Python's `repr` (shortest round-trip digits, exponent form outside 1e-4..1e16).
+
+use std::fmt::Write as _;
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Number, Value};
+use sha2::{Digest, Sha256};
+
+use crate::config::Secret;
+
+/// Appends the canonical JSON of `value` to `out`.
+pub fn write_canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(true) => out.push_str("true"),
+        Value::Bool(false) => out.push_str("false"),
+        Value::Number(n) => write_number(n, out),
+        Value::String(s) => write_json_str(s, out),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            // Python sorts by code point; UTF-8 byte order is the same order.
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push('{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                write_json_str(key, out);
+                out.push(':');
+                write_canonical(item, out);
+            }
+            out.push('}');
+        }
+    }
+}
+
+/// The canonical JSON of `value` as a string.
+pub fn canonical_json(value: &Value) -> String {
+    let mut out = String::with_capacity(256);
+    write_canonical(value, &mut out);
+    out
+}
+
+/// SHA-256 (or HMAC-SHA256 with `key`) of the canonical JSON of `value`, lower-case hex.
+///
+/// With a key, a hash cannot be used to confirm a guessed prompt.
+pub fn request_hash(value: &Value, key: Option<&Secret>) -> String {
+    let canonical = canonical_json(value);
+    match key {
+        None => hex::encode(Sha256::digest(canonical.as_bytes())),
+        Some(key) => {
+            // HMAC accepts keys of any length, so this cannot fail.
+            let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose().as_bytes())
+                .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+            mac.update(canonical.as_bytes());
+            hex::encode(mac.finalize().into_bytes())
+        }
+    }
+}
+
+fn write_number(n: &Number, out: &mut String) {
+    if let Some(i) = n.as_i64() {
+        let _ = write!(out, "{i}");
+    } else if let Some(u) = n.as_u64() {
+        let _ = write!(out, "{u}");
+    } else if let Some(f) = n.as_f64() {
+        write_json_f64(f, out);
+    }
+}
+
+/// Python's `float.__repr__` for a finite float.
+pub fn write_json_f64(f: f64, out: &mut String) {
+    if !f.is_finite() {
+        // JSON input never yields these; Python would print `NaN`/`Infinity`.
+        out.push_str(if f.is_nan() {
+            "NaN"
+        } else if f > 0.0 {
+            "Infinity"
+        } else {
+            "-Infinity"
+        });
+        return;
+    }
+    // `{:e}` gives the shortest round-trip digits, e.g. "-1.25e-5".
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    let exp: i32 = exp.parse().unwrap_or(0);
+    let (negative, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => (true, m),
+        None => (false, mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let decpt = exp + 1; // value = 0.DIGITS × 10^decpt
+    if negative {
+        out.push('-');
+    }
+    if decpt <= -4 || decpt > 16 {
+        out.push_str(&digits[..1]);
+        if digits.len() > 1 {
+            out.push('.');
+            out.push_str(&digits[1..]);
+        }
+        let _ = write!(out, "e{}{:02}", if exp < 0 { '-' } else { '+' }, exp.abs());
+    } else if decpt <= 0 {
+        out.push_str("0.");
+        out.extend(std::iter::repeat_n('0', decpt.unsigned_abs() as usize));
+        out.push_str(&digits);
+    } else {
+        let point = decpt as usize;
+        if point >= digits.len() {
+            out.push_str(&digits);
+            out.extend(std::iter::repeat_n('0', point - digits.len()));
+            out.push_str(".0");
+        } else {
+            out.push_str(&digits[..point]);
+            out.push('.');
+            out.push_str(&digits[point..]);
+        }
+    }
+}
+
+/// A JSON string escaped as Python's `json.dumps(ensure_ascii=False)` does.
+pub fn write_json_str(s: &str, out: &mut String) {
+    out.push('"');
+    let mut start = 0;
+    for (i, b) in s.bytes().enumerate() {
+        let escape = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0x08 => "\\b",
+            0x0c => "\\f",
+            0x00..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escape.is_empty() {
+            let _ = write!(out, "\\u{b:04x}");
+        } else {
+            out.push_str(escape);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn matches_python_dumps() {
+        // Expected strings produced by CPython 3.11:
+        // json.dumps(v, sort_keys=True, separators=(',', ':'), ensure_ascii=False)
+        let v = json!([{"role": "user", "content": "안녕 \"hi\"\n\t\u{1}", "b": 1, "a": [1.0, 0.5, -0.0]}]);
+        assert_eq!(
+            canonical_json(&v),
+            "[{\"a\":[1.0,0.5,-0.0],\"b\":1,\"content\":\"안녕 \\\"hi\\\"\\n\\t\\u0001\",\"role\":\"user\"}]"
+        );
+    }
+
+    #[test]
+    fn floats_follow_python_repr() {
+        let cases = [
+            (1e16, "1e+16"),
+            (1e15, "1000000000000000.0"),
+            (1.5e16, "1.5e+16"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.25e-7, "1.25e-07"),
+            (123.456, "123.456"),
+            (0.1, "0.1"),
+            (1e300, "1e+300"),
+            (-2.5, "-2.5"),
+            (100.0, "100.0"),
+        ];
+        for (f, want) in cases {
+            let mut s = String::new();
+            write_json_f64(f, &mut s);
+            assert_eq!(s, want, "{f}");
+        }
+    }
+
+    #[test]
+    fn hash_is_sha256_or_hmac() {
+        let v = json!([{"role": "user", "content": "hello"}]);
+        // Computed with CPython: hashlib.sha256(dumps(v).encode()).hexdigest() and
+        // hmac.new(b"k", dumps(v).encode(), hashlib.sha256).hexdigest().
+        assert_eq!(
+            request_hash(&v, None),
+            "d98167dd28f22e330824942ba4d4ce217c2411a0d1141d60b40fe4cb8dc0d232"
+        );
+        assert_eq!(
+            request_hash(&v, Some(&Secret::new("k"))),
+            "f8fa137601cb6262c3e1eaf00c208fc9fd90dd94b303dae9a174ab2c3c71ba44"
+        );
+    }
+}

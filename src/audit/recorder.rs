@@ -1,0 +1,704 @@
+//! The one place where an outcome becomes an audit record and is emitted: span attributes,
+//! metrics and the store row all come from the same [`AuditRecord`] value, so the three views
+//! never disagree. Front doors call [`Recorder::begin`] when a call starts and
+//! [`InFlight::finish`] when it ends; they never touch a metric or a row themselves.
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use opentelemetry::trace::{Status, TraceContextExt as _};
+use opentelemetry::{Array, StringValue, Value as OtelValue};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use tracing::Span;
+use tracing::field::Empty;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use super::duplicates::DuplicateDetector;
+use super::estimate;
+use super::pricing::PriceTable;
+use super::record::{AuditRecord, CostStatus, Operation, Outcome, UsageSource};
+use super::request::ParsedRequest;
+use super::usage::{ResponseSummary, Usage};
+use crate::config::{CaptureConfig, Secret, ThresholdsConfig};
+use crate::store::{CommitAck, Dropped, Store};
+use crate::telemetry::Metrics;
+
+/// Label value for calls without a user id.
+pub const NO_USER: &str = "__none__";
+
+/// Most hashes remembered per duplicate-detection generation.
+const MAX_DUPLICATE_ENTRIES: usize = 1 << 20;
+
+/// Emits audit records. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Recorder {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    metrics: Arc<Metrics>,
+    store: Store,
+    prices: PriceTable,
+    duplicates: DuplicateDetector,
+    capture: CaptureConfig,
+    hash_key: Option<Secret>,
+}
+
+/// What is known when a call starts.
+#[derive(Clone, Debug)]
+pub struct CallStart {
+    /// Which API.
+    pub operation: Operation,
+    /// `gen_ai.provider.name`.
+    pub provider: Arc<str>,
+    /// Requested model.
+    pub model: String,
+    /// Streaming call.
+    pub stream: bool,
+    /// Requested output limit.
+    pub max_tokens: Option<i64>,
+    /// Requested temperature.
+    pub temperature: Option<f64>,
+    /// Caller identity.
+    pub user_id: Option<String>,
+    /// Caller address.
+    pub ip_address: Option<String>,
+    /// Fingerprint of the API key (see [`key_fingerprint`]).
+    pub key_id: Option<String>,
+    /// Hash of the canonical prompt.
+    pub request_hash: String,
+    /// The prompt, for estimation when no usage arrives and for opt-in span content.
+    pub prompt: Option<Value>,
+    /// Upstream host.
+    pub server_address: Option<String>,
+    /// Upstream port.
+    pub server_port: Option<u16>,
+    /// Incoming trace context (W3C `traceparent`) to continue.
+    pub parent: Option<opentelemetry::Context>,
+}
+
+impl CallStart {
+    /// A call described by a parsed request body.
+    pub fn from_request(req: ParsedRequest, provider: Arc<str>) -> Self {
+        Self {
+            operation: req.operation,
+            provider,
+            model: req.model,
+            stream: req.stream,
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+            user_id: req.user,
+            ip_address: None,
+            key_id: None,
+            request_hash: req.request_hash,
+            prompt: Some(req.prompt),
+            server_address: None,
+            server_port: None,
+            parent: None,
+        }
+    }
+
+    /// A call whose body could not be parsed (it is audited all the same).
+    pub fn unparsed(operation: Operation, provider: Arc<str>, body: &[u8]) -> Self {
+        Self {
+            operation,
+            provider,
+            model: "unknown".into(),
+            stream: false,
+            max_tokens: None,
+            temperature: None,
+            user_id: None,
+            ip_address: None,
+            key_id: None,
+            request_hash: hex::encode(Sha256::digest(body)),
+            prompt: None,
+            server_address: None,
+            server_port: None,
+            parent: None,
+        }
+    }
+}
+
+/// How a call ended.
+#[derive(Clone, Debug)]
+pub struct CallEnd {
+    /// HTTP status answered.
+    pub status_code: u16,
+    /// Outcome.
+    pub outcome: Outcome,
+    /// What the answer said (empty when there was none).
+    pub response: ResponseSummary,
+    /// `error.type` (a short, bounded kind) and the message, for failures.
+    pub error: Option<(Cow<'static, str>, String)>,
+}
+
+impl CallEnd {
+    /// A delivered answer.
+    pub fn ok(status_code: u16, response: ResponseSummary) -> Self {
+        Self {
+            status_code,
+            outcome: Outcome::Ok,
+            response,
+            error: None,
+        }
+    }
+
+    /// A failure: `kind` becomes `error.type`, `message` the record's `error_message`.
+    pub fn error(
+        status_code: u16,
+        kind: impl Into<Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
+        Self {
+            status_code,
+            outcome: Outcome::Error,
+            response: ResponseSummary::default(),
+            error: Some((kind.into(), message.into())),
+        }
+    }
+
+    /// The client went away; `response` holds what had arrived.
+    pub fn aborted(status_code: u16, response: ResponseSummary) -> Self {
+        Self {
+            status_code,
+            outcome: Outcome::Aborted,
+            response,
+            error: Some((
+                "aborted".into(),
+                "client disconnected before the answer was complete".into(),
+            )),
+        }
+    }
+
+    /// Attaches what the answer said.
+    pub fn with_response(mut self, response: ResponseSummary) -> Self {
+        self.response = response;
+        self
+    }
+}
+
+/// A call in progress: its span is open and its clock is running.
+#[derive(Debug)]
+pub struct InFlight {
+    recorder: Recorder,
+    span: Span,
+    start: Instant,
+    timestamp: String,
+    request_id: String,
+    call: CallStart,
+    first_chunk: Option<Duration>,
+    attempts: u32,
+}
+
+/// The result of [`InFlight::finish`].
+#[derive(Debug)]
+pub struct Emitted {
+    /// The record as emitted (chained unless dropped).
+    pub record: AuditRecord,
+    /// The prompt was seen within the window.
+    pub duplicate: bool,
+    /// Why the record could not be queued, if it was not.
+    pub dropped: Option<Dropped>,
+    commit: Option<CommitAck>,
+}
+
+impl Emitted {
+    /// Waits until the record is committed (sync durability); true when it is on disk or the
+    /// store is in batched mode and accepted it.
+    pub async fn committed(&mut self) -> bool {
+        if self.dropped.is_some() {
+            return false;
+        }
+        match self.commit.take() {
+            None => true,
+            Some(ack) => matches!(ack.await, Ok(Ok(()))),
+        }
+    }
+}
+
+/// A short, non-reversible fingerprint of an API key: `key_` and 16 hex digits of its SHA-256.
+pub fn key_fingerprint(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    format!("key_{}", &hex::encode(digest)[..16])
+}
+
+impl Recorder {
+    /// A recorder emitting into `metrics` and `store`.
+    pub fn new(
+        metrics: Arc<Metrics>,
+        store: Store,
+        prices: PriceTable,
+        capture: CaptureConfig,
+        thresholds: &ThresholdsConfig,
+        hash_key: Option<Secret>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                metrics,
+                store,
+                prices,
+                duplicates: DuplicateDetector::new(thresholds.window.0, MAX_DUPLICATE_ENTRIES),
+                capture,
+                hash_key,
+            }),
+        }
+    }
+
+    /// The metric catalog.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.metrics
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The key for request hashes, if configured.
+    pub fn hash_key(&self) -> Option<&Secret> {
+        self.inner.hash_key.as_ref()
+    }
+
+    /// Starts a call: opens its CLIENT span `{operation} {model}` and starts its clock.
+    pub fn begin(&self, call: CallStart) -> InFlight {
+        let start = Instant::now();
+        let timestamp = AuditRecord::format_timestamp(chrono::Utc::now());
+        let request_id = uuid::Uuid::now_v7().to_string();
+        let span = tracing::info_span!(
+            target: "llm_audit",
+            "gen_ai.call",
+            otel.name = %format_args!("{} {}", call.operation.as_str(), call.model),
+            otel.kind = "client",
+            gen_ai.operation.name = call.operation.as_str(),
+            gen_ai.provider.name = %call.provider,
+            gen_ai.request.model = %call.model,
+            gen_ai.request.stream = call.stream,
+            llm_audit.request_id = %request_id,
+            llm_audit.request_hash = %call.request_hash,
+            error.type = Empty,
+        );
+        if let Some(parent) = &call.parent {
+            let _ = span.set_parent(parent.clone());
+        }
+        if let Some(m) = call.max_tokens {
+            span.set_attribute("gen_ai.request.max_tokens", m);
+        }
+        if let Some(t) = call.temperature {
+            span.set_attribute("gen_ai.request.temperature", t);
+        }
+        if let Some(a) = &call.server_address {
+            span.set_attribute("server.address", a.clone());
+        }
+        if let Some(p) = call.server_port {
+            span.set_attribute("server.port", i64::from(p));
+        }
+        if let Some(ip) = &call.ip_address {
+            span.set_attribute("client.address", ip.clone());
+        }
+        if let Some(u) = &call.user_id {
+            span.set_attribute("user.id", u.clone());
+        }
+        if let Some(k) = &call.key_id {
+            span.set_attribute("llm_audit.key_id", k.clone());
+        }
+        if self.inner.capture.span_content
+            && let Some(p) = &call.prompt
+        {
+            span.set_attribute("gen_ai.input.messages", p.to_string());
+        }
+        InFlight {
+            recorder: self.clone(),
+            span,
+            start,
+            timestamp,
+            request_id,
+            call,
+            first_chunk: None,
+            attempts: 0,
+        }
+    }
+
+    fn model_label<'a>(&self, model: &'a str) -> Cow<'a, str> {
+        if self.inner.prices.knows(model) {
+            Cow::Borrowed(model)
+        } else {
+            self.inner.metrics.model_cap.apply(model)
+        }
+    }
+}
+
+impl InFlight {
+    /// The call's span: make attempt spans its children, inject its context upstream.
+    pub fn span(&self) -> &Span {
+        &self.span
+    }
+
+    /// The record's id (for the `x-llm-audit-request-id` header).
+    pub fn request_id(&self) -> &str {
+        &self.request_id
+    }
+
+    /// When the call started.
+    pub fn started(&self) -> Instant {
+        self.start
+    }
+
+    /// The call as described at start.
+    pub fn call(&self) -> &CallStart {
+        &self.call
+    }
+
+    /// Stamps time-to-first-chunk (only the first call counts).
+    pub fn mark_first_chunk(&mut self) {
+        if self.first_chunk.is_none() {
+            self.first_chunk = Some(self.start.elapsed());
+        }
+    }
+
+    /// Counts one upstream attempt.
+    pub fn add_attempt(&mut self) -> u32 {
+        self.attempts += 1;
+        self.attempts
+    }
+
+    /// Ends the call: builds the record, emits span attributes, metrics and the row.
+    pub fn finish(self, end: CallEnd) -> Emitted {
+        let elapsed = self.start.elapsed();
+        let inner = &self.recorder.inner;
+        let call = &self.call;
+        let resp = &end.response;
+
+        let (usage, usage_source) = resolve_usage(call, &end);
+        let cost = if usage_source == UsageSource::Missing {
+            let status = inner
+                .prices
+                .cost(&call.model, resp.model.as_deref(), &Usage::default())
+                .status;
+            super::pricing::Cost { picousd: 0, status }
+        } else {
+            inner
+                .prices
+                .cost(&call.model, resp.model.as_deref(), &usage)
+        };
+        let duplicate = inner.duplicates.observe(&call.request_hash, self.start);
+        let preview: String = redact_secrets(&resp.text)
+            .chars()
+            .take(inner.capture.preview_chars)
+            .collect();
+        let error_message = end
+            .error
+            .as_ref()
+            .map(|(_, m)| m.clone())
+            .or_else(|| resp.error_message.clone())
+            .map(|m| redact_secrets(&m).into_owned());
+        let otel_cx = self.span.context();
+        let span_cx = otel_cx.span().span_context().clone();
+        let (trace_id, span_id) = if span_cx.is_valid() {
+            (
+                Some(span_cx.trace_id().to_string()),
+                Some(span_cx.span_id().to_string()),
+            )
+        } else {
+            (None, None)
+        };
+        let mut record = AuditRecord {
+            timestamp: self.timestamp,
+            request_id: self.request_id,
+            model: call.model.clone(),
+            prompt_tokens: usage.input,
+            completion_tokens: usage.output,
+            total_tokens: usage.total,
+            latency_ms: elapsed.as_secs_f64() * 1000.0,
+            status_code: i64::from(end.status_code),
+            cost_usd: cost.usd(),
+            user_id: call.user_id.clone(),
+            request_hash: call.request_hash.clone(),
+            response_preview: preview,
+            ip_address: call.ip_address.clone(),
+            error_message,
+            provider: call.provider.to_string(),
+            endpoint: call.operation.endpoint().to_owned(),
+            response_model: resp.model.clone(),
+            response_id: resp.id.clone(),
+            stream: call.stream,
+            finish_reason: (!resp.finish_reasons.is_empty()).then(|| resp.finish_reasons.join(",")),
+            cached_tokens: usage.cached,
+            reasoning_tokens: usage.reasoning,
+            usage_source,
+            cost_status: cost.status,
+            outcome: end.outcome,
+            ttft_ms: self.first_chunk.map(|d| d.as_secs_f64() * 1000.0),
+            key_id: call.key_id.clone(),
+            attempts: i64::from(self.attempts.max(1)),
+            trace_id,
+            span_id,
+            cost_picousd: i64::try_from(cost.picousd).unwrap_or(i64::MAX),
+            prev_hash: String::new(),
+            record_hash: String::new(),
+        };
+
+        self.recorder
+            .emit_metrics(&record, &end, elapsed, self.first_chunk, duplicate);
+        let (commit, dropped) = match inner.store.submit(&mut record) {
+            Ok(ack) => (ack, None),
+            Err(d) => (None, Some(d)),
+        };
+        emit_span(
+            &self.span,
+            &record,
+            &end,
+            duplicate,
+            inner.capture.span_content,
+            &resp.text,
+        );
+        drop(self.span);
+        Emitted {
+            record,
+            duplicate,
+            dropped,
+            commit,
+        }
+    }
+}
+
+/// Reported usage when present; otherwise an estimate when an answer (or part of one) exists;
+/// otherwise nothing to count.
+fn resolve_usage(call: &CallStart, end: &CallEnd) -> (Usage, UsageSource) {
+    if let Some(u) = end.response.usage {
+        return (u, UsageSource::Reported);
+    }
+    let answered = end.outcome != Outcome::Error || !end.response.text.is_empty();
+    if !answered {
+        return (Usage::default(), UsageSource::Missing);
+    }
+    let input = call
+        .prompt
+        .as_ref()
+        .map(estimate::count_prompt)
+        .unwrap_or(0);
+    let output = estimate::count_text(&end.response.text);
+    let usage = Usage {
+        input,
+        output,
+        total: input.saturating_add(output),
+        cached: 0,
+        reasoning: 0,
+    };
+    (usage, UsageSource::Estimated)
+}
+
+impl Recorder {
+    fn emit_metrics(
+        &self,
+        r: &AuditRecord,
+        end: &CallEnd,
+        elapsed: Duration,
+        first_chunk: Option<Duration>,
+        duplicate: bool,
+    ) {
+        let m = &self.inner.metrics;
+        let provider = r.provider.as_str();
+        let model = self.model_label(&r.model);
+        let model = model.as_ref();
+        let outcome = r.outcome.as_str();
+        let status = status_label(end.status_code);
+        m.requests
+            .with_label_values(&[provider, model, outcome, &status])
+            .inc();
+        if r.usage_source != UsageSource::Missing {
+            for (kind, n) in [
+                ("input", r.prompt_tokens),
+                ("output", r.completion_tokens),
+                ("cache_read", r.cached_tokens),
+                ("reasoning", r.reasoning_tokens),
+            ] {
+                m.tokens
+                    .with_label_values(&[provider, model, kind])
+                    .inc_by(n.max(0) as u64);
+            }
+        }
+        let pico = r.cost_picousd.max(0) as u64;
+        m.cost.add(&[provider, model, r.cost_status.as_str()], pico);
+        m.request_duration
+            .with_label_values(&[provider, model, outcome])
+            .observe(elapsed.as_secs_f64());
+        if let Some(t) = first_chunk {
+            m.ttft
+                .with_label_values(&[provider, model])
+                .observe(t.as_secs_f64());
+        }
+        if duplicate {
+            m.duplicates.with_label_values(&[provider, model]).inc();
+        }
+        if r.cost_status != CostStatus::Priced {
+            m.unpriced.with_label_values(&[provider, model]).inc();
+        }
+        let user = m.user_cap.apply(r.user_id.as_deref().unwrap_or(NO_USER));
+        let user = user.as_ref();
+        m.user_requests.with_label_values(&[user, outcome]).inc();
+        m.user_cost.add(&[user], pico);
+        m.user_request_tokens
+            .with_label_values(&[user])
+            .observe(r.total_tokens.max(0) as f64);
+
+        let op = r.endpoint_operation();
+        let response_model = match r.response_model.as_deref() {
+            Some(rm) => self.model_label(rm),
+            None => Cow::Borrowed(""),
+        };
+        if r.usage_source != UsageSource::Missing {
+            for (kind, n) in [("input", r.prompt_tokens), ("output", r.completion_tokens)] {
+                m.genai_token_usage
+                    .with_label_values(&[op, provider, model, &response_model, kind])
+                    .observe(n.max(0) as f64);
+            }
+        }
+        let error_type = end.error.as_ref().map_or("", |(k, _)| k.as_ref());
+        m.genai_duration
+            .with_label_values(&[op, provider, model, &response_model, error_type])
+            .observe(elapsed.as_secs_f64());
+    }
+}
+
+impl AuditRecord {
+    fn endpoint_operation(&self) -> &'static str {
+        match self.endpoint.as_str() {
+            "/v1/completions" => Operation::TextCompletion.as_str(),
+            "/v1/embeddings" => Operation::Embeddings.as_str(),
+            _ => Operation::Chat.as_str(),
+        }
+    }
+}
+
+/// HTTP status as a label without allocating for the common ones.
+fn status_label(status: u16) -> Cow<'static, str> {
+    match status {
+        200 => Cow::Borrowed("200"),
+        400 => Cow::Borrowed("400"),
+        401 => Cow::Borrowed("401"),
+        408 => Cow::Borrowed("408"),
+        429 => Cow::Borrowed("429"),
+        500 => Cow::Borrowed("500"),
+        502 => Cow::Borrowed("502"),
+        503 => Cow::Borrowed("503"),
+        504 => Cow::Borrowed("504"),
+        s => Cow::Owned(s.to_string()),
+    }
+}
+
+fn emit_span(
+    span: &Span,
+    r: &AuditRecord,
+    end: &CallEnd,
+    duplicate: bool,
+    content: bool,
+    text: &str,
+) {
+    if let Some(m) = &r.response_model {
+        span.set_attribute("gen_ai.response.model", m.clone());
+    }
+    if let Some(id) = &r.response_id {
+        span.set_attribute("gen_ai.response.id", id.clone());
+    }
+    if !end.response.finish_reasons.is_empty() {
+        let reasons: Vec<StringValue> = end
+            .response
+            .finish_reasons
+            .iter()
+            .map(|s| StringValue::from(s.clone()))
+            .collect();
+        span.set_attribute(
+            "gen_ai.response.finish_reasons",
+            OtelValue::Array(Array::String(reasons)),
+        );
+    }
+    if r.usage_source != UsageSource::Missing {
+        span.set_attribute("gen_ai.usage.input_tokens", r.prompt_tokens);
+        span.set_attribute("gen_ai.usage.output_tokens", r.completion_tokens);
+        span.set_attribute("gen_ai.usage.cache_read.input_tokens", r.cached_tokens);
+        span.set_attribute("gen_ai.usage.reasoning.output_tokens", r.reasoning_tokens);
+    }
+    if let Some(t) = r.ttft_ms {
+        span.set_attribute("gen_ai.response.time_to_first_chunk", t / 1000.0);
+    }
+    span.set_attribute("http.response.status_code", r.status_code);
+    span.set_attribute("llm_audit.duplicate", duplicate);
+    span.set_attribute("llm_audit.cost_usd", r.cost_usd);
+    span.set_attribute("llm_audit.cost_status", r.cost_status.as_str());
+    span.set_attribute("llm_audit.usage_source", r.usage_source.as_str());
+    span.set_attribute("llm_audit.outcome", r.outcome.as_str());
+    span.set_attribute("llm_audit.attempts", r.attempts);
+    if !r.record_hash.is_empty() {
+        span.set_attribute("llm_audit.record_hash", r.record_hash.clone());
+    }
+    if content && !text.is_empty() {
+        span.set_attribute("gen_ai.output.messages", redact_secrets(text).into_owned());
+    }
+    if let Some((kind, message)) = &end.error {
+        span.record("error.type", kind.as_ref());
+        span.set_status(Status::error(redact_secrets(message).into_owned()));
+    }
+}
+
+/// Replaces things that look like credentials (OpenAI/Anthropic/GitHub/Slack/AWS/Google key
+/// shapes, bearer tokens) with `[REDACTED]`, so a model echoing a key cannot put it in the log.
+pub fn redact_secrets(text: &str) -> Cow<'_, str> {
+    const PREFIXES: [&str; 9] = [
+        "sk-", "sk_", "rk-", "pk-", "ghp_", "gho_", "xox", "AKIA", "AIza",
+    ];
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    let mut out: Option<String> = None;
+    let mut last = 0;
+    let mut i = 0;
+    let bytes = text.as_bytes();
+    while i < text.len() {
+        let at_word_start = i == 0 || !is_token_char(text[..i].chars().next_back().unwrap_or(' '));
+        if at_word_start && bytes[i].is_ascii_alphanumeric() {
+            let end = text[i..]
+                .char_indices()
+                .find(|(_, c)| !is_token_char(*c))
+                .map_or(text.len(), |(j, _)| i + j);
+            let word = &text[i..end];
+            if word.len() >= 20 && PREFIXES.iter().any(|p| word.starts_with(p)) {
+                let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+                o.push_str(&text[last..i]);
+                o.push_str("[REDACTED]");
+                last = end;
+            }
+            i = end.max(i + 1);
+        } else {
+            i += text[i..].chars().next().map_or(1, char::len_utf8);
+        }
+    }
+    match out {
+        None => Cow::Borrowed(text),
+        Some(mut o) => {
+            o.push_str(&text[last..]);
+            Cow::Owned(o)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_keys_only() {
+        let t = "use sk-proj-ABCDEFGHIJKLMNOPQRSTUV now, not sk-short; 안녕 AKIAABCDEFGHIJKLMNOP.";
+        assert_eq!(
+            redact_secrets(t),
+            "use [REDACTED] now, not sk-short; 안녕 [REDACTED]."
+        );
+        assert!(matches!(redact_secrets("plain text"), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn fingerprint_hides_the_key() {
+        let f = key_fingerprint("sk-secret-key");
+        assert!(f.starts_with("key_") && f.len() == 20 && !f.contains("secret"));
+    }
+}

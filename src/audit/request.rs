@@ -1,0 +1,185 @@
+//! What the audit needs from a request body: model, stream flag, user, sampling parameters and
+//! the prompt (hashed for duplicate detection, kept for estimation when usage never arrives).
+
+use serde_json::Value;
+
+use super::canonical::request_hash;
+use super::record::Operation;
+use crate::config::Secret;
+
+/// A request body the audit cannot accept. Each maps to a 400 in OpenAI's error shape.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// Not JSON, or not UTF-8.
+    #[error("request body is not valid JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not an object.
+    #[error("request body must be a JSON object")]
+    NotObject,
+    /// No `model` string.
+    #[error("you must provide a model parameter")]
+    MissingModel,
+    /// No `messages` (chat), `prompt` (completions) or `input` (embeddings, responses).
+    #[error("missing required parameter: '{0}'")]
+    MissingPrompt(&'static str),
+    /// A field of the wrong type.
+    #[error("invalid type for '{0}'")]
+    InvalidField(&'static str),
+}
+
+impl RequestError {
+    /// OpenAI's `code` for this error (also a bounded metric label).
+    pub fn code(&self) -> &'static str {
+        match self {
+            RequestError::NotJson(_) | RequestError::NotObject => "invalid_json",
+            RequestError::MissingModel | RequestError::MissingPrompt(_) => {
+                "missing_required_parameter"
+            }
+            RequestError::InvalidField(_) => "invalid_type",
+        }
+    }
+}
+
+/// The audited parts of a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParsedRequest {
+    /// Which API.
+    pub operation: Operation,
+    /// Requested model.
+    pub model: String,
+    /// `stream: true`.
+    pub stream: bool,
+    /// The client asked for `stream_options.include_usage` itself.
+    pub include_usage: bool,
+    /// Body `user` or `safety_identifier`.
+    pub user: Option<String>,
+    /// `max_tokens` / `max_completion_tokens` / `max_output_tokens`.
+    pub max_tokens: Option<i64>,
+    /// `temperature`.
+    pub temperature: Option<f64>,
+    /// `messages`, `prompt` or `input`.
+    pub prompt: Value,
+    /// Hash of the canonical prompt.
+    pub request_hash: String,
+}
+
+impl ParsedRequest {
+    /// Parses a raw body.
+    pub fn from_slice(
+        operation: Operation,
+        body: &[u8],
+        hash_key: Option<&Secret>,
+    ) -> Result<Self, RequestError> {
+        let value: Value =
+            serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
+        Self::from_value(operation, value, hash_key)
+    }
+
+    /// Parses a body already decoded as JSON.
+    pub fn from_value(
+        operation: Operation,
+        value: Value,
+        hash_key: Option<&Secret>,
+    ) -> Result<Self, RequestError> {
+        let Value::Object(mut body) = value else {
+            return Err(RequestError::NotObject);
+        };
+        let model = match body.get("model") {
+            Some(Value::String(m)) if !m.is_empty() => m.clone(),
+            Some(Value::String(_)) | None | Some(Value::Null) => {
+                return Err(RequestError::MissingModel);
+            }
+            Some(_) => return Err(RequestError::InvalidField("model")),
+        };
+        let prompt_key = match operation {
+            Operation::Chat => "messages",
+            Operation::TextCompletion => "prompt",
+            Operation::Embeddings | Operation::Responses => "input",
+        };
+        let prompt = match body.remove(prompt_key) {
+            None | Some(Value::Null) => return Err(RequestError::MissingPrompt(prompt_key)),
+            Some(p @ Value::Array(_)) => p,
+            Some(p @ Value::String(_)) if operation != Operation::Chat => p,
+            Some(_) => return Err(RequestError::InvalidField(prompt_key)),
+        };
+        let stream = match body.get("stream") {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(RequestError::InvalidField("stream")),
+        };
+        let include_usage = body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
+        let user = ["user", "safety_identifier"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_str))
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned);
+        let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
+            .iter()
+            .find_map(|k| body.get(*k).and_then(Value::as_i64));
+        let temperature = body.get("temperature").and_then(Value::as_f64);
+        let request_hash = request_hash(&prompt, hash_key);
+        Ok(Self {
+            operation,
+            model,
+            stream,
+            include_usage,
+            user,
+            max_tokens,
+            temperature,
+            prompt,
+            request_hash,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_chat() {
+        let body = json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}],
+            "stream": true, "user": "u1", "max_tokens": 5, "temperature": 0.7});
+        let p = ParsedRequest::from_value(Operation::Chat, body, None).unwrap();
+        assert_eq!(p.model, "gpt-4.1");
+        assert!(p.stream && !p.include_usage);
+        assert_eq!(p.user.as_deref(), Some("u1"));
+        assert_eq!((p.max_tokens, p.temperature), (Some(5), Some(0.7)));
+        assert_eq!(p.request_hash.len(), 64);
+    }
+
+    #[test]
+    fn rejects_bad_bodies() {
+        let cases: [(&[u8], RequestError); 6] = [
+            (b"not json", RequestError::NotJson(String::new())),
+            (b"[1]", RequestError::NotObject),
+            (b"{\"messages\":[]}", RequestError::MissingModel),
+            (
+                b"{\"model\":\"m\"}",
+                RequestError::MissingPrompt("messages"),
+            ),
+            (
+                b"{\"model\":5,\"messages\":[]}",
+                RequestError::InvalidField("model"),
+            ),
+            (
+                b"{\"model\":\"m\",\"messages\":\"hi\"}",
+                RequestError::InvalidField("messages"),
+            ),
+        ];
+        for (body, want) in cases {
+            let got = ParsedRequest::from_slice(Operation::Chat, body, None).unwrap_err();
+            assert_eq!(std::mem::discriminant(&got), std::mem::discriminant(&want));
+        }
+        // Huge numbers and invalid UTF-8 are errors, not panics.
+        let huge = b"{\"model\":\"m\",\"messages\":[],\"max_tokens\":1e999}";
+        assert!(ParsedRequest::from_slice(Operation::Chat, huge, None).is_err());
+        let bad_utf8 = b"{\"model\":\"m\xff\",\"messages\":[]}";
+        assert!(ParsedRequest::from_slice(Operation::Chat, bad_utf8, None).is_err());
+    }
+}

@@ -1,0 +1,259 @@
+//! Configuration sections used by the audit core (DESIGN §9): raw serde structs with defaults
+//! and `deny_unknown_fields`, so a typo in a key is an error, not a silently ignored setting.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A secret value (API key, HMAC key). Prints as `*****` in `Debug` and `Serialize`, so a
+/// config dump or a log line can never leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret string.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// Reads a secret from a file, trimming the trailing newline editors add.
+    pub fn from_file(path: &Path) -> std::io::Result<Self> {
+        let text = std::fs::read_to_string(path)?;
+        Ok(Self(text.trim_end_matches(['\r', '\n']).to_owned()))
+    }
+
+    /// The secret itself; call sites are few and greppable on purpose.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("*****")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("*****")
+    }
+}
+
+/// A duration written the human way in config files: `50ms`, `5s`, `5m`, `90d`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| serde::de::Error::custom(format!("invalid duration {text:?}: {e}")))
+    }
+}
+
+impl Serialize for HumanDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+/// How a record reaches the disk (DESIGN §4).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Committed within `flush_interval`; the request path never waits on disk.
+    #[default]
+    Batched,
+    /// The caller can wait until its record is committed.
+    Sync,
+}
+
+/// What happens to traffic while the store cannot write (auditd's failure modes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnStoreFailure {
+    /// Keep serving, keep retrying, count and alert.
+    #[default]
+    Continue,
+    /// Refuse new calls (503) until the store writes again.
+    Reject,
+}
+
+/// `[store]`: the local audit log.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// SQLite database file.
+    pub path: PathBuf,
+    /// `batched` (default) or `sync`.
+    pub durability: Durability,
+    /// Longest time a record waits in memory before its batch is committed.
+    pub flush_interval: HumanDuration,
+    /// Records that may wait for the writer; beyond that they are dropped and counted.
+    pub queue_capacity: usize,
+    /// `continue` (default) or `reject`.
+    pub on_store_failure: OnStoreFailure,
+    /// File holding the key that turns the chain hash into an HMAC.
+    pub chain_key_file: Option<PathBuf>,
+    /// File holding the key that turns the request hash into an HMAC.
+    pub hash_key_file: Option<PathBuf>,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            path: PathBuf::from("llm-audit.db"),
+            durability: Durability::Batched,
+            flush_interval: HumanDuration(Duration::from_millis(50)),
+            // The channel pre-allocates every slot, so records travel boxed: 65,536 slots cost
+            // about 1 MiB idle instead of 40 MiB for inline 600-byte records (STACK.md).
+            queue_capacity: 65_536,
+            on_store_failure: OnStoreFailure::Continue,
+            chain_key_file: None,
+            hash_key_file: None,
+        }
+    }
+}
+
+/// `[capture]`: how much content is kept.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CaptureConfig {
+    /// Characters of the answer kept in `response_preview` (the seed's 200); 0 keeps none.
+    pub preview_chars: usize,
+    /// Put prompts and completions on spans (off by default: content is sensitive).
+    pub span_content: bool,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self {
+            preview_chars: 200,
+            span_content: false,
+        }
+    }
+}
+
+/// `[metrics]`: label caps that keep Prometheus series bounded.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Distinct `user` label values before the rest fold into `__other__`.
+    pub max_user_labels: usize,
+    /// Distinct unknown `model` label values before the rest fold into `__other__`.
+    pub max_model_labels: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self {
+            max_user_labels: 1000,
+            max_model_labels: 200,
+        }
+    }
+}
+
+/// `[pricing]`: where prices come from and what unknown models cost.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PricingConfig {
+    /// Price overrides: our TOML/JSON format or LiteLLM's `model_prices_and_context_window.json`.
+    pub file: Option<PathBuf>,
+    /// USD per 1M input tokens for models the table does not know (the seed's 10.0).
+    pub fallback_input: Option<f64>,
+    /// USD per 1M output tokens for models the table does not know (the seed's 30.0).
+    pub fallback_output: Option<f64>,
+}
+
+impl Default for PricingConfig {
+    fn default() -> Self {
+        Self {
+            file: None,
+            fallback_input: Some(10.0),
+            fallback_output: Some(30.0),
+        }
+    }
+}
+
+/// `[thresholds]`: the anomaly thresholds shared by the alert rules and the report.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ThresholdsConfig {
+    /// Detection window (the seed's 5 minutes); also the duplicate-detection window.
+    pub window: HumanDuration,
+    /// Requests per minute above which HIGH_REQUEST_RATE fires.
+    pub requests_per_minute: f64,
+    /// Failed / all above which HIGH_FAILURE_RATE fires.
+    pub failed_requests_ratio: f64,
+    /// The failure ratio is judged only above this many requests in the window.
+    pub min_requests_for_failure_ratio: u64,
+    /// USD per hour above which COST_OVERRUN fires.
+    pub max_cost_per_hour_usd: f64,
+    /// Tokens in one request above which EXCESSIVE_TOKEN_USAGE fires.
+    pub max_tokens_per_request: u64,
+    /// Duplicates / all above which REPEATED_REQUESTS fires.
+    pub duplicate_request_ratio: f64,
+    /// A request hash seen more than this many times in the window is listed as repeated.
+    pub repeated_request_count: u64,
+    /// Failed authentications in the window above which an alert fires.
+    pub max_auth_failures: u64,
+}
+
+impl Default for ThresholdsConfig {
+    fn default() -> Self {
+        Self {
+            window: HumanDuration(Duration::from_secs(300)),
+            requests_per_minute: 100.0,
+            failed_requests_ratio: 0.5,
+            min_requests_for_failure_ratio: 10,
+            max_cost_per_hour_usd: 100.0,
+            max_tokens_per_request: 100_000,
+            duplicate_request_ratio: 0.3,
+            repeated_request_count: 3,
+            max_auth_failures: 20,
+        }
+    }
+}
+
+/// The sections the audit core needs, as one value.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuditConfig {
+    /// `[store]`
+    pub store: StoreConfig,
+    /// `[capture]`
+    pub capture: CaptureConfig,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
+    /// `[pricing]`
+    pub pricing: PricingConfig,
+    /// `[thresholds]`
+    pub thresholds: ThresholdsConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::new("sk-live-123");
+        assert_eq!(format!("{s:?}"), "*****");
+        assert_eq!(serde_json::to_string(&s).unwrap_or_default(), "\"*****\"");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_and_durations_parse() {
+        let ok: AuditConfig = toml::from_str("[store]\nflush_interval = \"20ms\"\n")
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(ok.store.flush_interval.0, Duration::from_millis(20));
+        let err = toml::from_str::<AuditConfig>("[store]\nflush_intervall = \"20ms\"\n");
+        assert!(err.is_err());
+        let err = toml::from_str::<AuditConfig>("[store]\nflush_interval = \"soon\"\n");
+        assert!(err.is_err());
+    }
+}
