@@ -4,11 +4,11 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use llm_audit::Recorder;
 use llm_audit::audit::PriceTable;
 use llm_audit::config::{AuditConfig, CaptureConfig};
 use llm_audit::store::Store;
 use llm_audit::telemetry::Metrics;
-use llm_audit::Recorder;
 
 /// A recorder, its metrics and store, writing to `db` in a fresh temp dir (kept alive by `dir`).
 pub struct Harness {
