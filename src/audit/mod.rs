@@ -13,6 +13,6 @@ pub mod usage;
 
 pub use pricing::{Cost, PriceTable};
 pub use record::{AuditRecord, CostStatus, Operation, Outcome, UsageSource};
-pub use recorder::{CallEnd, CallStart, Emitted, InFlight, Recorder};
+pub use recorder::{CallEnd, CallStart, Emitted, InFlight, Recorder, RecorderError};
 pub use request::{ParsedRequest, RequestError};
 pub use usage::{ResponseSummary, SseScanner, Usage, UsageError};

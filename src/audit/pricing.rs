@@ -332,7 +332,7 @@ mod tests {
     fn cached_tokens_use_cache_price() {
         let mut t = PriceTable::default();
         t.insert("m", Price::per_million(2.0, 8.0, Some(0.5)).unwrap());
-        // 100 uncached × 2 + 900 cached × 0.5 = 650 µUSD... per 1M: (200 + 450) pUSD·1e6
+        // 100 uncached × 2.0 + 900 cached × 0.5 = 650 USD per 1M tokens = 6.5e-4 USD.
         assert_eq!(t.cost("m", None, &usage(1000, 0, 900)).picousd, 650_000_000);
     }
 }

@@ -225,7 +225,45 @@ pub fn key_fingerprint(key: &str) -> String {
     format!("key_{}", &hex::encode(digest)[..16])
 }
 
+/// A recorder that cannot be built from its configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum RecorderError {
+    /// The price table or price file is invalid.
+    #[error(transparent)]
+    Pricing(#[from] super::pricing::PricingError),
+    /// The hash key file cannot be read.
+    #[error("cannot read hash key file {path}: {source}")]
+    HashKey {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
 impl Recorder {
+    /// A recorder for `cfg`: prices from `[pricing]`, the request-hash key from
+    /// `store.hash_key_file`, content capture and the duplicate window from their sections.
+    pub fn from_config(
+        cfg: &crate::config::AuditConfig,
+        metrics: Arc<Metrics>,
+        store: Store,
+    ) -> Result<Self, RecorderError> {
+        let prices = PriceTable::from_config(&cfg.pricing)?;
+        let hash_key = cfg
+            .store
+            .hash_key_file
+            .as_ref()
+            .map(|path| {
+                Secret::from_file(path).map_err(|source| RecorderError::HashKey {
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .transpose()?;
+        Ok(Self::new(metrics, store, prices, cfg.capture.clone(), &cfg.thresholds, hash_key))
+    }
+
     /// A recorder emitting into `metrics` and `store`.
     pub fn new(
         metrics: Arc<Metrics>,
