@@ -523,6 +523,87 @@ async fn content_is_on_the_span_only_when_opted_in() {
     assert_eq!(int(&a, "gen_ai.usage.input_tokens"), 1200);
 }
 
+/// DESIGN §8: secrets never appear in spans, even with content capture on. A key pasted into a
+/// prompt, echoed in the answer, or quoted in an upstream error must arrive redacted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_the_span_even_with_content() {
+    const KEY: &str = "sk-proj-ABCDEFGHIJKLMNOPQRSTUVWX";
+    let (url, received) = grpc_receiver().await;
+    let p = provider(url, OtlpProtocol::Grpc, export_errors());
+    let h = common::harness_with(|c| c.capture.span_content = true);
+    let body = json!({
+        "model": "gpt-4.1",
+        "messages": [{"role": "user", "content": format!("Why is {KEY} rejected?")}],
+        "user": "alice"
+    });
+    let answer = json!({
+        "id": "chatcmpl-secret",
+        "model": "gpt-4.1",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": format!("The key {KEY} is revoked.")}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 8, "total_tokens": 20}
+    });
+    let ok = drive(
+        &h,
+        &p,
+        call_start(body.clone()),
+        CallEnd::ok(
+            200,
+            parse_json_response(answer.to_string().as_bytes()).unwrap(),
+        ),
+    );
+    let failed = drive(
+        &h,
+        &p,
+        call_start(json!({"model": "gpt-4.1", "messages": [{"role": "user", "content": "hi"}]})),
+        CallEnd::error(
+            401,
+            "upstream_4xx",
+            format!("Incorrect API key provided: {KEY}"),
+        ),
+    );
+    let reqs = flush(p, &received).await;
+    let all = spans(&reqs);
+    assert_eq!(all.len(), 2);
+    let by_id = |id: &str| {
+        all.iter()
+            .find(|s| {
+                attrs(s)
+                    .get("llm_audit.request_id")
+                    .is_some_and(|v| matches!(v, Av::StringValue(x) if x == id))
+            })
+            .cloned()
+            .unwrap()
+    };
+    let ok_span = by_id(&ok.record.request_id);
+    let a = attrs(&ok_span);
+    let output = string(&a, "gen_ai.output.messages");
+    assert!(
+        !output.contains(KEY) && output.contains("[REDACTED]"),
+        "output: {output}"
+    );
+    let input = string(&a, "gen_ai.input.messages");
+    assert!(
+        !input.contains(KEY) && input.contains("[REDACTED]"),
+        "gen_ai.input.messages carries the API key unredacted: {input}"
+    );
+    let err_span = by_id(&failed.record.request_id);
+    let message = err_span.status.clone().unwrap_or_default().message;
+    assert!(!message.contains(KEY), "status message: {message}");
+    assert!(
+        !failed
+            .record
+            .error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains(KEY)
+    );
+    let bytes: Vec<u8> = reqs.iter().flat_map(|r| r.encode_to_vec()).collect();
+    assert!(
+        !bytes.windows(KEY.len()).any(|w| w == KEY.as_bytes()),
+        "the key appears somewhere in the exported bytes"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn error_call_has_error_status_and_type() {
     let (url, received) = grpc_receiver().await;

@@ -261,7 +261,14 @@ impl Recorder {
                 })
             })
             .transpose()?;
-        Ok(Self::new(metrics, store, prices, cfg.capture.clone(), &cfg.thresholds, hash_key))
+        Ok(Self::new(
+            metrics,
+            store,
+            prices,
+            cfg.capture.clone(),
+            &cfg.thresholds,
+            hash_key,
+        ))
     }
 
     /// A recorder emitting into `metrics` and `store`.
@@ -345,7 +352,10 @@ impl Recorder {
         if self.inner.capture.span_content
             && let Some(p) = &call.prompt
         {
-            span.set_attribute("gen_ai.input.messages", p.to_string());
+            span.set_attribute(
+                "gen_ai.input.messages",
+                redact_secrets(&p.to_string()).into_owned(),
+            );
         }
         InFlight {
             recorder: self.clone(),
@@ -583,7 +593,10 @@ impl Recorder {
             .observe(r.total_tokens.max(0) as f64);
 
         let op = r.endpoint_operation();
+        // The answering model shares the requested model's label when it is the same name, so
+        // one call never counts twice against the model cap.
         let response_model = match r.response_model.as_deref() {
+            Some(rm) if rm == r.model => Cow::Borrowed(model),
             Some(rm) => self.model_label(rm),
             None => Cow::Borrowed(""),
         };
