@@ -101,12 +101,18 @@ impl CallStart {
         }
     }
 
-    /// A call whose body could not be parsed (it is audited all the same).
+    /// A call whose body could not be accepted (it is audited all the same). The model is
+    /// kept when the body names one.
     pub fn unparsed(operation: Operation, provider: Arc<str>, body: &[u8]) -> Self {
+        let model = serde_json::from_slice::<Value>(body)
+            .ok()
+            .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned))
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| "unknown".into());
         Self {
             operation,
             provider,
-            model: "unknown".into(),
+            model,
             stream: false,
             max_tokens: None,
             temperature: None,
@@ -480,7 +486,7 @@ impl InFlight {
             outcome: end.outcome,
             ttft_ms: self.first_chunk.map(|d| d.as_secs_f64() * 1000.0),
             key_id: call.key_id.clone(),
-            attempts: i64::from(self.attempts.max(1)),
+            attempts: i64::from(self.attempts),
             trace_id,
             span_id,
             cost_picousd: i64::try_from(cost.picousd).unwrap_or(i64::MAX),

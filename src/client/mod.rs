@@ -29,8 +29,8 @@ use crate::audit::{
 };
 use crate::config::Secret;
 
-/// Why an audited call failed. Every variant except `InvalidRequest` and `StoreUnavailable`
-/// carries the `request_id` of the audit record written for it.
+/// Why an audited call failed. Every variant except `StoreUnavailable` carries the
+/// `request_id` of the audit record written for it.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The request body is not an acceptable chat request (recorded as a 400).
@@ -247,12 +247,14 @@ impl Client {
     pub async fn chat(&self, body: Value) -> Result<ChatResponse, ClientError> {
         let (mut flight, body, _) = self.start(body, false)?;
         let started = Instant::now();
-        let response = match self.send_with_retries(&mut flight, &body, started).await {
-            Ok(r) => r,
-            Err((end, _)) => return Err(self.fail(flight, end)),
-        };
+        let (response, attempt_started, budget) =
+            match self.send_with_retries(&mut flight, &body, started).await {
+                Ok(r) => r,
+                Err((end, _)) => return Err(self.fail(flight, end)),
+            };
         let status = response.status().as_u16();
-        let attempt_left = self.attempt_budget(started);
+        // The rest of the successful attempt's budget: headers and body share one timeout.
+        let attempt_left = budget.saturating_sub(attempt_started.elapsed());
         let bytes = match tokio::time::timeout(attempt_left, response.bytes()).await {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
@@ -267,7 +269,7 @@ impl Client {
                 return Err(self.fail(flight, end));
             }
             Err(_) => {
-                let end = timeout_end(&self.inner.timeouts, attempt_left);
+                let end = timeout_end(&self.inner.timeouts, budget);
                 return Err(self.fail(flight, end));
             }
         };
@@ -280,7 +282,7 @@ impl Client {
         let (mut flight, body, caller_wants_usage) = self.start(body, true)?;
         let started = Instant::now();
         match self.send_with_retries(&mut flight, &body, started).await {
-            Ok(response) => Ok(ChatStream::new(
+            Ok((response, _, _)) => Ok(ChatStream::new(
                 flight,
                 response,
                 self.inner.timeouts.attempt,
@@ -298,8 +300,13 @@ impl Client {
         if !recorder.store().accepting() {
             return Err(ClientError::StoreUnavailable);
         }
-        if stream && let Value::Object(map) = &mut body {
-            map.insert("stream".into(), Value::Bool(true));
+        // The method decides streaming, whatever the body says (`chat` must get a JSON answer);
+        // a body that already agrees goes upstream unchanged.
+        if let Value::Object(map) = &mut body {
+            let asks_stream = map.get("stream").and_then(Value::as_bool) == Some(true);
+            if asks_stream != stream {
+                map.insert("stream".into(), Value::Bool(stream));
+            }
         }
         let parsed = ParsedRequest::from_value(Operation::Chat, body.clone(), recorder.hash_key());
         let (mut call, error) = match parsed {
@@ -343,7 +350,7 @@ impl Client {
         flight: &mut InFlight,
         body: &Bytes,
         started: Instant,
-    ) -> Result<reqwest::Response, (CallEnd, Failure)> {
+    ) -> Result<(reqwest::Response, Instant, Duration), (CallEnd, Failure)> {
         let policy = &self.inner.retry;
         loop {
             let attempt = flight.add_attempt();
@@ -359,6 +366,7 @@ impl Client {
                 error.type = tracing::field::Empty,
             );
             let budget = self.attempt_budget(started);
+            let attempt_started = Instant::now();
             let result = self
                 .attempt(&span, body, budget)
                 .instrument(span.clone())
@@ -366,7 +374,7 @@ impl Client {
             let (end, failure, retry_after) = match result {
                 AttemptResult::Answer(r) => {
                     span.record("http.response.status_code", i64::from(r.status().as_u16()));
-                    return Ok(r);
+                    return Ok((r, attempt_started, budget));
                 }
                 AttemptResult::Failed(end, failure, retry_after) => (end, failure, retry_after),
             };

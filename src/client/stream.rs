@@ -21,9 +21,10 @@ pub(super) fn request_usage(body: &mut Value) -> bool {
     let Value::Object(map) = body else {
         return false;
     };
-    let options = map
-        .entry("stream_options")
-        .or_insert_with(|| Value::Object(Default::default()));
+    let options = map.entry("stream_options").or_insert(Value::Null);
+    if options.is_null() {
+        *options = Value::Object(Default::default());
+    }
     let Value::Object(options) = options else {
         return false;
     };
@@ -112,16 +113,16 @@ impl Guard {
     fn finish(
         &mut self,
         end: impl FnOnce(crate::audit::ResponseSummary) -> CallEnd,
-    ) -> Option<String> {
+    ) -> Option<(String, u32)> {
         let flight = self.flight.take()?;
         let summary = self
             .scanner
             .take()
             .map(SseScanner::finish)
             .unwrap_or_default();
-        let id = flight.request_id().to_owned();
-        flight.finish(end(summary));
-        Some(id)
+        let record = flight.finish(end(summary)).record;
+        let attempts = u32::try_from(record.attempts).unwrap_or(u32::MAX);
+        Some((record.request_id, attempts))
     }
 }
 
@@ -161,28 +162,28 @@ async fn next_item(mut s: State) -> Option<(Result<Value, ClientError>, State)> 
                 s.done = true;
                 let message = format!("upstream stream broke: {}", error_chain(&e));
                 let m = message.clone();
-                let request_id = s
+                let (request_id, attempts) = s
                     .guard
                     .finish(|summary| CallEnd::error(502, "transport", m).with_response(summary))
                     .unwrap_or_default();
                 s.pending.push_back(Err(ClientError::Transport {
                     message,
                     request_id,
-                    attempts: 1,
+                    attempts,
                 }));
             }
             Err(_) => {
                 s.done = true;
                 let message = format!("Stream idle timeout ({}s)", s.idle.as_secs_f64());
                 let m = message.clone();
-                let request_id = s
+                let (request_id, attempts) = s
                     .guard
                     .finish(|summary| CallEnd::error(408, "timeout", m).with_response(summary))
                     .unwrap_or_default();
                 s.pending.push_back(Err(ClientError::Timeout {
                     message,
                     request_id,
-                    attempts: 1,
+                    attempts,
                 }));
             }
         }
