@@ -458,6 +458,7 @@ impl InFlight {
         } else {
             (None, None)
         };
+        let cost_picousd = i64::try_from(cost.picousd).unwrap_or(i64::MAX);
         let mut record = AuditRecord {
             timestamp: self.timestamp,
             request_id: self.request_id,
@@ -467,7 +468,7 @@ impl InFlight {
             total_tokens: usage.total,
             latency_ms: elapsed.as_secs_f64() * 1000.0,
             status_code: i64::from(end.status_code),
-            cost_usd: cost.usd(),
+            cost_usd: cost_picousd as f64 / super::pricing::PICO_PER_USD,
             user_id: call.user_id.clone(),
             request_hash: call.request_hash.clone(),
             response_preview: preview,
@@ -489,7 +490,7 @@ impl InFlight {
             attempts: i64::from(self.attempts),
             trace_id,
             span_id,
-            cost_picousd: i64::try_from(cost.picousd).unwrap_or(i64::MAX),
+            cost_picousd,
             prev_hash: String::new(),
             record_hash: String::new(),
         };
@@ -524,7 +525,9 @@ fn resolve_usage(call: &CallStart, end: &CallEnd) -> (Usage, UsageSource) {
     if let Some(u) = end.response.usage {
         return (u, UsageSource::Reported);
     }
-    let answered = end.outcome != Outcome::Error || !end.response.text.is_empty();
+    let answered = end.outcome != Outcome::Error
+        || !end.response.text.is_empty()
+        || !end.response.reasoning_text.is_empty();
     if !answered {
         return (Usage::default(), UsageSource::Missing);
     }
@@ -533,7 +536,8 @@ fn resolve_usage(call: &CallStart, end: &CallEnd) -> (Usage, UsageSource) {
         .as_ref()
         .map(estimate::count_prompt)
         .unwrap_or(0);
-    let output = estimate::count_text(&end.response.text);
+    let output = estimate::count_text(&end.response.text)
+        .saturating_add(estimate::count_text(&end.response.reasoning_text));
     let usage = Usage {
         input,
         output,
@@ -587,7 +591,9 @@ impl Recorder {
         if duplicate {
             m.duplicates.with_label_values(&[provider, model]).inc();
         }
-        if r.cost_status != CostStatus::Priced {
+        // A call with nothing to price (rejected, failed before any answer) says nothing about
+        // the price table, so it does not count as unpriced.
+        if r.cost_status != CostStatus::Priced && r.usage_source != UsageSource::Missing {
             m.unpriced.with_label_values(&[provider, model]).inc();
         }
         let user = m.user_cap.apply(r.user_id.as_deref().unwrap_or(NO_USER));

@@ -54,6 +54,8 @@ pub struct ResponseSummary {
     pub usage_error: Option<String>,
     /// The answer's text, for the preview and for estimating output tokens.
     pub text: String,
+    /// Reasoning text (`reasoning_content`): output tokens to estimate, but not the answer.
+    pub reasoning_text: String,
     /// An error object sent by the upstream (`{"error":{"message":…}}`).
     pub error_message: Option<String>,
     /// Events that could not be parsed (SSE only).
@@ -152,7 +154,7 @@ fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
     for choice in raw.choices.unwrap_or_default() {
         for msg in [choice.message, choice.delta].into_iter().flatten() {
             if let Some(reasoning) = msg.reasoning_content {
-                push_text(&mut summary.text, &reasoning);
+                push_text(&mut summary.reasoning_text, &reasoning);
             }
             match msg.content {
                 Some(Value::String(s)) => push_text(&mut summary.text, &s),
@@ -228,11 +230,14 @@ fn push_text(text: &mut String, piece: &str) {
     }
 }
 
+/// More tokens than any call reads or writes (the largest context windows hold ~1e7).
+const MAX_TOKENS: i64 = 1 << 32;
+
 fn count(field: &'static str, n: Option<Number>) -> Result<i64, UsageError> {
     match n {
         None => Ok(0),
         Some(n) => match n.as_i64() {
-            Some(v) if v >= 0 => Ok(v),
+            Some(v) if (0..=MAX_TOKENS).contains(&v) => Ok(v),
             _ => Err(UsageError::BadCount {
                 field,
                 value: n.to_string(),
@@ -242,6 +247,24 @@ fn count(field: &'static str, n: Option<Number>) -> Result<i64, UsageError> {
 }
 
 fn usage_from_value(value: Value) -> Result<Usage, UsageError> {
+    // serde's derive also reads a struct from an array, positionally: `[1, 2, 3]` is not usage.
+    for (field, v) in [
+        ("usage", Some(&value)),
+        ("prompt_tokens_details", value.get("prompt_tokens_details")),
+        ("input_tokens_details", value.get("input_tokens_details")),
+        (
+            "completion_tokens_details",
+            value.get("completion_tokens_details"),
+        ),
+        ("output_tokens_details", value.get("output_tokens_details")),
+    ] {
+        if let Some(v) = v.filter(|v| !v.is_object() && !v.is_null()) {
+            return Err(UsageError::BadCount {
+                field,
+                value: v.to_string(),
+            });
+        }
+    }
     let raw: RawUsage = serde_json::from_value(value).map_err(|e| UsageError::BadCount {
         field: "usage",
         value: e.to_string(),
@@ -270,6 +293,12 @@ fn usage_from_value(value: Value) -> Result<Usage, UsageError> {
         input.saturating_add(output)
     } else {
         total
+    };
+    // Gemini's OpenAI-compatible endpoint leaves thinking out of `completion_tokens` and counts
+    // it only in `total_tokens`; Google bills it as output.
+    let (output, reasoning) = match total.checked_sub(input.saturating_add(output)) {
+        Some(hidden) if hidden > 0 && reasoning == 0 => (output + hidden, hidden),
+        _ => (output, reasoning),
     };
     Ok(Usage {
         input,

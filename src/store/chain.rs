@@ -135,16 +135,19 @@ pub enum BreakKind {
 pub struct ChainReport {
     /// Rows checked.
     pub rows: u64,
+    /// Rows with `id` at or below this predate the chain (an upgraded seed database).
+    pub chain_start_after: i64,
     /// The first break, if any.
     pub first_break: Option<ChainBreak>,
 }
 
 /// The `record_hash` of the last row, or [`GENESIS`] for an empty log.
 pub fn last_hash(conn: &Connection) -> rusqlite::Result<String> {
+    let start = schema::chain_start_after(conn)?;
     let last: Option<String> = conn
         .query_row(
-            "SELECT record_hash FROM audit_logs ORDER BY id DESC LIMIT 1",
-            [],
+            "SELECT record_hash FROM audit_logs WHERE id > ?1 ORDER BY id DESC LIMIT 1",
+            [start],
             |row| row.get(0),
         )
         .or_else(|e| match e {
@@ -156,8 +159,12 @@ pub fn last_hash(conn: &Connection) -> rusqlite::Result<String> {
 
 /// Walks every row in `id` order and reports the first break.
 pub fn verify(conn: &Connection, key: Option<&Secret>) -> rusqlite::Result<ChainReport> {
-    let mut stmt = conn.prepare(&format!("{} ORDER BY id", schema::select_sql()))?;
-    let mut rows = stmt.query([])?;
+    let start = schema::chain_start_after(conn)?;
+    let mut stmt = conn.prepare(&format!(
+        "{} WHERE id > ?1 ORDER BY id",
+        schema::select_sql()
+    ))?;
+    let mut rows = stmt.query([start])?;
     let mut expected_prev = GENESIS.to_owned();
     let mut count = 0u64;
     while let Some(row) = rows.next()? {
@@ -169,6 +176,7 @@ pub fn verify(conn: &Connection, key: Option<&Secret>) -> rusqlite::Result<Chain
                 let request_id: Option<String> = row.get(2).ok();
                 return Ok(ChainReport {
                     rows: count,
+                    chain_start_after: start,
                     first_break: Some(ChainBreak {
                         row_id,
                         request_id: request_id.unwrap_or_default(),
@@ -188,6 +196,7 @@ pub fn verify(conn: &Connection, key: Option<&Secret>) -> rusqlite::Result<Chain
         if let Some(kind) = kind {
             return Ok(ChainReport {
                 rows: count,
+                chain_start_after: start,
                 first_break: Some(ChainBreak {
                     row_id: id,
                     request_id: record.request_id,
@@ -199,6 +208,7 @@ pub fn verify(conn: &Connection, key: Option<&Secret>) -> rusqlite::Result<Chain
     }
     Ok(ChainReport {
         rows: count,
+        chain_start_after: start,
         first_break: None,
     })
 }

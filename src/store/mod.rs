@@ -160,6 +160,7 @@ impl Store {
             rx,
             shared: shared.clone(),
             flush_interval: cfg.flush_interval.0,
+            abandoned: false,
         };
         let handle = std::thread::Builder::new()
             .name("llm-audit-store".into())
@@ -285,6 +286,8 @@ struct Writer {
     rx: Receiver<Envelope>,
     shared: Arc<Shared>,
     flush_interval: Duration,
+    /// Shutdown gave up on a batch: every later record links to a lost one, so none is written.
+    abandoned: bool,
 }
 
 impl Writer {
@@ -295,7 +298,11 @@ impl Writer {
         while let Ok(first) = self.rx.recv() {
             batch.push(first);
             self.fill(&mut batch);
-            self.commit(&mut batch);
+            if self.abandoned {
+                self.give_up(&mut batch);
+            } else {
+                self.commit(&mut batch);
+            }
         }
     }
 
@@ -339,6 +346,7 @@ impl Writer {
                     tracing::error!(error = %err, records = batch.len(), attempt, "Audit store write failed; retrying.");
                     if self.shared.closing.load(Ordering::Relaxed) && attempt >= SHUTDOWN_RETRIES {
                         self.give_up(batch);
+                        self.abandoned = true;
                         return;
                     }
                     // Keep the batch (it holds the next chain links) and retry with backoff;

@@ -5,7 +5,53 @@ use rusqlite::{Connection, Row, params};
 
 use crate::audit::record::{AuditRecord, CostStatus, Outcome, UsageSource};
 
-/// Creates the table and indexes if missing, and sets the connection's pragmas.
+/// The seed's columns, verbatim: queries written for the seed keep working on our database.
+const SEED_COLUMNS: &str = "id INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp TEXT NOT NULL,
+    request_id TEXT UNIQUE NOT NULL,
+    model TEXT NOT NULL,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    total_tokens INTEGER,
+    latency_ms REAL,
+    status_code INTEGER,
+    cost_usd REAL,
+    user_id TEXT,
+    request_hash TEXT,
+    response_preview TEXT,
+    ip_address TEXT,
+    error_message TEXT,
+    created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP";
+
+/// Our columns, each addable to a seed-era table with `ALTER TABLE … ADD COLUMN`.
+const ADDED_COLUMNS: [(&str, &str); 19] = [
+    ("provider", "TEXT NOT NULL DEFAULT ''"),
+    ("endpoint", "TEXT NOT NULL DEFAULT ''"),
+    ("response_model", "TEXT"),
+    ("response_id", "TEXT"),
+    ("stream", "INTEGER NOT NULL DEFAULT 0"),
+    ("finish_reason", "TEXT"),
+    ("cached_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("reasoning_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("usage_source", "TEXT NOT NULL DEFAULT 'reported'"),
+    ("cost_status", "TEXT NOT NULL DEFAULT 'priced'"),
+    ("outcome", "TEXT NOT NULL DEFAULT 'ok'"),
+    ("ttft_ms", "REAL"),
+    ("key_id", "TEXT"),
+    ("attempts", "INTEGER NOT NULL DEFAULT 1"),
+    ("trace_id", "TEXT"),
+    ("span_id", "TEXT"),
+    ("cost_picousd", "INTEGER NOT NULL DEFAULT 0"),
+    ("prev_hash", "TEXT NOT NULL DEFAULT ''"),
+    ("record_hash", "TEXT NOT NULL DEFAULT ''"),
+];
+
+/// Meta key: rows with `id` at or below this value predate the chain (a seed-era database
+/// that was upgraded); verification starts after them.
+pub const CHAIN_START_AFTER: &str = "chain_start_after";
+
+/// Creates the table and indexes if missing (upgrading a seed-era table in place), and sets the
+/// connection's pragmas.
 pub fn prepare(conn: &Connection, synchronous_full: bool) -> rusqlite::Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     // NORMAL in WAL mode can lose the last commits on power loss but never corrupts;
@@ -16,51 +62,71 @@ pub fn prepare(conn: &Connection, synchronous_full: bool) -> rusqlite::Result<()
         if synchronous_full { "FULL" } else { "NORMAL" },
     )?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS audit_logs (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
-            timestamp TEXT NOT NULL,
-            request_id TEXT UNIQUE NOT NULL,
-            model TEXT NOT NULL,
-            prompt_tokens INTEGER,
-            completion_tokens INTEGER,
-            total_tokens INTEGER,
-            latency_ms REAL,
-            status_code INTEGER,
-            cost_usd REAL,
-            user_id TEXT,
-            request_hash TEXT,
-            response_preview TEXT,
-            ip_address TEXT,
-            error_message TEXT,
-            created_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
-            provider TEXT NOT NULL DEFAULT '',
-            endpoint TEXT NOT NULL DEFAULT '',
-            response_model TEXT,
-            response_id TEXT,
-            stream INTEGER NOT NULL DEFAULT 0,
-            finish_reason TEXT,
-            cached_tokens INTEGER NOT NULL DEFAULT 0,
-            reasoning_tokens INTEGER NOT NULL DEFAULT 0,
-            usage_source TEXT NOT NULL DEFAULT 'missing',
-            cost_status TEXT NOT NULL DEFAULT 'priced',
-            outcome TEXT NOT NULL DEFAULT 'ok',
-            ttft_ms REAL,
-            key_id TEXT,
-            attempts INTEGER NOT NULL DEFAULT 1,
-            trace_id TEXT,
-            span_id TEXT,
-            cost_picousd INTEGER NOT NULL DEFAULT 0,
-            prev_hash TEXT NOT NULL DEFAULT '',
-            record_hash TEXT NOT NULL DEFAULT ''
-        );
-        CREATE INDEX IF NOT EXISTS idx_timestamp ON audit_logs(timestamp);
-        CREATE INDEX IF NOT EXISTS idx_model ON audit_logs(model);
-        CREATE INDEX IF NOT EXISTS idx_request_hash ON audit_logs(request_hash);
-        CREATE INDEX IF NOT EXISTS idx_user_id ON audit_logs(user_id);
+    let added: Vec<String> = ADDED_COLUMNS
+        .iter()
+        .map(|(n, t)| format!("{n} {t}"))
+        .collect();
+    conn.execute_batch(&format!(
+        "CREATE TABLE IF NOT EXISTS audit_logs ({SEED_COLUMNS}, {});
         CREATE TABLE IF NOT EXISTS llm_audit_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
         INSERT OR IGNORE INTO llm_audit_meta (key, value) VALUES ('schema_version', '1');",
+        added.join(", ")
+    ))?;
+    upgrade_seed_table(conn)?;
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS idx_timestamp ON audit_logs(timestamp);
+        CREATE INDEX IF NOT EXISTS idx_model ON audit_logs(model);
+        CREATE INDEX IF NOT EXISTS idx_request_hash ON audit_logs(request_hash);
+        CREATE INDEX IF NOT EXISTS idx_user_id ON audit_logs(user_id);",
     )
+}
+
+/// A table created by the seed lacks our columns: add them, and mark its existing rows as
+/// predating the chain, in one transaction.
+fn upgrade_seed_table(conn: &Connection) -> rusqlite::Result<()> {
+    let existing: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('audit_logs')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    if existing.iter().any(|c| c == "record_hash") {
+        return Ok(());
+    }
+    conn.execute_batch("BEGIN IMMEDIATE")?;
+    let upgrade = || -> rusqlite::Result<()> {
+        for (name, ty) in ADDED_COLUMNS {
+            if !existing.iter().any(|c| c == name) {
+                conn.execute_batch(&format!("ALTER TABLE audit_logs ADD COLUMN {name} {ty}"))?;
+            }
+        }
+        conn.execute(
+            "INSERT OR REPLACE INTO llm_audit_meta (key, value) \
+             SELECT ?1, CAST(COALESCE(MAX(id), 0) AS TEXT) FROM audit_logs",
+            [CHAIN_START_AFTER],
+        )?;
+        Ok(())
+    };
+    match upgrade() {
+        Ok(()) => conn.execute_batch("COMMIT"),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+/// Rows at or below this `id` predate the chain (0 when every row is chained).
+pub fn chain_start_after(conn: &Connection) -> rusqlite::Result<i64> {
+    let v: Option<String> = conn
+        .query_row(
+            "SELECT value FROM llm_audit_meta WHERE key = ?1",
+            [CHAIN_START_AFTER],
+            |r| r.get(0),
+        )
+        .or_else(|e| match e {
+            rusqlite::Error::QueryReturnedNoRows => Ok(None),
+            e => Err(e),
+        })?;
+    Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
 /// The chained columns in chain order (everything but `id`, `created_at` and the two hashes).
