@@ -2,9 +2,11 @@
 //! and `deny_unknown_fields`, so a typo in a key is an error, not a silently ignored setting.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// A secret value (API key, HMAC key). Prints as `*****` in `Debug` and `Serialize`, so a
@@ -235,6 +237,227 @@ pub struct AuditConfig {
     pub thresholds: ThresholdsConfig,
 }
 
+/// `[server]`: the proxy's listeners and request limits.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Proxy listener. Loopback by default: exposing it is a decision (`0.0.0.0:8080`).
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listener.
+    pub metrics_listen: SocketAddr,
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Largest request head (request line + headers) accepted.
+    pub max_header_bytes: usize,
+    /// Networks (CIDR) of reverse proxies whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Longest wait for in-flight calls (streams included) at shutdown.
+    pub shutdown_grace: HumanDuration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            max_body_bytes: 10 * 1024 * 1024,
+            max_header_bytes: 64 * 1024,
+            trusted_proxies: Vec::new(),
+            shutdown_grace: HumanDuration(Duration::from_secs(30)),
+        }
+    }
+}
+
+/// `[upstream]`: the OpenAI-compatible API behind the proxy.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Base URL including the version path, e.g. `https://api.openai.com/v1`.
+    pub url: String,
+    /// `gen_ai.provider.name` (`openai`, `deepseek`, `gcp.gemini`, …).
+    pub provider: String,
+    /// TCP/TLS connect timeout.
+    pub connect_timeout: HumanDuration,
+    /// Longest wait for the response head (the seed's 60 s).
+    pub first_byte_timeout: HumanDuration,
+    /// Longest silence inside a response body or stream.
+    pub idle_timeout: HumanDuration,
+    /// Proxy-side retries of 429/5xx before anything reached the client.
+    pub retries: u32,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        Self {
+            url: "https://api.openai.com/v1".into(),
+            provider: "openai".into(),
+            connect_timeout: HumanDuration(Duration::from_secs(5)),
+            first_byte_timeout: HumanDuration(Duration::from_secs(60)),
+            idle_timeout: HumanDuration(Duration::from_secs(60)),
+            retries: 0,
+        }
+    }
+}
+
+/// How clients authenticate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// The client's `Authorization` goes upstream; only its fingerprint is recorded.
+    #[default]
+    Passthrough,
+    /// Clients present proxy keys (stored hashed here); the proxy uses its own upstream key.
+    Keys,
+}
+
+/// A managed client key: the SHA-256 hex of the key and the user it belongs to.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ManagedKey {
+    /// `sha256sum` of the key, lower-case hex.
+    pub sha256: String,
+    /// User id recorded for calls with this key.
+    pub user: String,
+}
+
+/// `[auth]`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `passthrough` (default) or `keys`.
+    pub mode: AuthMode,
+    /// Keys mode: file holding the key the proxy sends upstream.
+    pub upstream_api_key_file: Option<PathBuf>,
+    /// Keys mode: environment variable holding the upstream key (default `LLM_AUDIT_UPSTREAM_API_KEY`).
+    pub upstream_api_key_env: Option<String>,
+    /// Keys mode: the accepted client keys.
+    pub keys: Vec<ManagedKey>,
+}
+
+/// The whole configuration file (DESIGN §9).
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// `[server]`
+    pub server: ServerConfig,
+    /// `[upstream]`
+    pub upstream: UpstreamConfig,
+    /// `[auth]`
+    pub auth: AuthConfig,
+    /// `[store]`
+    pub store: StoreConfig,
+    /// `[capture]`
+    pub capture: CaptureConfig,
+    /// `[metrics]`
+    pub metrics: MetricsConfig,
+    /// `[pricing]`
+    pub pricing: PricingConfig,
+    /// `[thresholds]`
+    pub thresholds: ThresholdsConfig,
+}
+
+/// A configuration that cannot be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file, or an `LLM_AUDIT_*` variable, is not valid (unknown keys included).
+    #[error("invalid configuration ({origin}): {message}")]
+    Invalid {
+        /// File name or "environment".
+        origin: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// Prefix of configuration variables: `LLM_AUDIT_<SECTION>__<KEY>`.
+pub const ENV_PREFIX: &str = "LLM_AUDIT_";
+
+impl Config {
+    /// Defaults, then `path` (TOML), then `LLM_AUDIT_<SECTION>__<KEY>` variables from `vars`.
+    pub fn load(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let origin = path.map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
+        let mut table = match path {
+            None => toml::Table::new(),
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Io {
+                    path: p.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| ConfigError::Invalid {
+                        origin: origin.clone(),
+                        message: e.to_string(),
+                    })?
+            }
+        };
+        let mut from_env = Vec::new();
+        for (name, value) in vars {
+            let Some(rest) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let Some((section, key)) = rest.split_once("__") else {
+                continue;
+            };
+            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+            let entry = table
+                .entry(section.clone())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(section_table) = entry else {
+                return Err(ConfigError::Invalid {
+                    origin: "environment".into(),
+                    message: format!("{name}: [{section}] is not a section"),
+                });
+            };
+            section_table.insert(key, env_value(&value));
+            from_env.push(name);
+        }
+        let origin = if from_env.is_empty() {
+            origin
+        } else {
+            format!("{origin} + environment {}", from_env.join(", "))
+        };
+        toml::Value::Table(table)
+            .try_into::<Config>()
+            .map_err(|e| ConfigError::Invalid {
+                origin,
+                message: e.to_string(),
+            })
+    }
+
+    /// The audit-core sections.
+    pub fn audit(&self) -> AuditConfig {
+        AuditConfig {
+            store: self.store.clone(),
+            capture: self.capture.clone(),
+            metrics: self.metrics.clone(),
+            pricing: self.pricing.clone(),
+            thresholds: self.thresholds.clone(),
+        }
+    }
+}
+
+/// An environment value as TOML: numbers, booleans, arrays and inline tables keep their type
+/// (`LLM_AUDIT_METRICS__MAX_USER_LABELS=50`, `LLM_AUDIT_SERVER__TRUSTED_PROXIES=["10.0.0.0/8"]`);
+/// anything else is a string (`LLM_AUDIT_UPSTREAM__FIRST_BYTE_TIMEOUT=2s`).
+fn env_value(raw: &str) -> toml::Value {
+    format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,5 +478,34 @@ mod tests {
         assert!(err.is_err());
         let err = toml::from_str::<AuditConfig>("[store]\nflush_interval = \"soon\"\n");
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn env_overrides_file_and_unknown_env_keys_fail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[upstream]\nurl = \"http://a/v1\"\nretries = 1\n").unwrap();
+        let vars = [
+            ("LLM_AUDIT_UPSTREAM__FIRST_BYTE_TIMEOUT", "2s"),
+            ("LLM_AUDIT_UPSTREAM__RETRIES", "3"),
+            ("LLM_AUDIT_SERVER__TRUSTED_PROXIES", "[\"10.0.0.0/8\"]"),
+            (
+                "LLM_AUDIT_UPSTREAM",
+                "ignored: a flag variable, not a section key",
+            ),
+            ("OTHER__X", "1"),
+        ]
+        .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        let cfg = Config::load(Some(&path), vars).unwrap();
+        assert_eq!(cfg.upstream.url, "http://a/v1");
+        assert_eq!(cfg.upstream.retries, 3);
+        assert_eq!(cfg.upstream.first_byte_timeout.0, Duration::from_secs(2));
+        assert_eq!(cfg.server.trusted_proxies.len(), 1);
+        let bad = [("LLM_AUDIT_UPSTREAM__URLL".to_owned(), "x".to_owned())];
+        let err = Config::load(None, bad).unwrap_err().to_string();
+        assert!(
+            err.contains("urll") && err.contains("LLM_AUDIT_UPSTREAM__URLL"),
+            "{err}"
+        );
     }
 }

@@ -924,7 +924,7 @@ fn non_json_upstream_bodies_are_typed_errors_and_still_recorded() {
         assert_eq!(e.dropped, None);
         assert_eq!(e.record.usage_source, UsageSource::Missing);
         assert_eq!(e.record.cost_picousd, 0);
-        ids.push(e.record.request_id);
+        ids.push(e.record.request_id.clone());
     }
     h.store.shutdown();
     let conn = Connection::open(&h.db).unwrap();
@@ -981,10 +981,15 @@ fn bad_token_counts_are_usage_errors_and_the_call_is_still_recorded() {
         assert_eq!(e.record.completion_tokens, o200k(text), "{usage}");
         assert_eq!(e.record.prompt_tokens, chat_prompt_tokens(), "{usage}");
         assert!(e.record.cost_picousd > 0);
-        ids.push(e.record.request_id);
+        ids.push(e.record.request_id.clone());
     }
-    // Out of f64 range: serde_json rejects the whole document, a typed error all the same.
+    // Out of f64 range inside usage: a usage error, and the rest of the answer still counts.
     let body = r#"{"id":"x","choices":[],"usage":{"prompt_tokens":1e400}}"#;
+    let summary = parse_json_response(body.as_bytes()).unwrap();
+    assert_eq!((summary.id.as_deref(), summary.usage), (Some("x"), None));
+    assert!(summary.usage_error.is_some());
+    // Out of range outside usage: the document is rejected with a typed error.
+    let body = r#"{"id":1e400,"choices":[]}"#;
     assert!(matches!(
         parse_json_response(body.as_bytes()),
         Err(UsageError::NotJson(_))

@@ -183,7 +183,7 @@ async fn concurrent_records_all_land_in_one_unbroken_chain() {
             for i in 0..PER_TASK {
                 let e = record_ok(&recorder, t * PER_TASK + i);
                 assert_eq!(e.dropped, None);
-                out.push((e.record.request_id, e.record.record_hash));
+                out.push((e.record.request_id.clone(), e.record.record_hash.clone()));
                 tokio::task::yield_now().await;
             }
             out
@@ -799,17 +799,17 @@ fn a_full_queue_drops_counted_records_without_breaking_the_chain() {
     assert_eq!(held.dropped, None);
     wait_for("the first failure", || h.metrics.store_errors.get() >= 1);
 
-    let mut landed = vec![held.record.request_id];
+    let mut landed = vec![held.record.request_id.clone()];
     let mut lost = Vec::new();
     for i in 1..=12 {
         let e = record_ok(&h.recorder, i);
         match e.dropped {
-            None => landed.push(e.record.request_id),
+            None => landed.push(e.record.request_id.clone()),
             Some(reason) => {
                 assert_eq!(reason, Dropped::QueueFull);
                 // A dropped record takes no link.
                 assert!(e.record.record_hash.is_empty() && e.record.prev_hash.is_empty());
-                lost.push(e.record.request_id);
+                lost.push(e.record.request_id.clone());
             }
         }
     }

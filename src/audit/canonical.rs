@@ -5,7 +5,7 @@
 //! by the seed's tooling (or any auditor's script) over the same messages matches ours. Floats
 //! follow Python's `repr` (shortest round-trip digits, exponent form outside 1e-4..1e16).
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 
 use hmac::{Hmac, KeyInit, Mac};
 use serde_json::{Number, Value};
@@ -96,15 +96,23 @@ pub fn write_json_f64(f: f64, out: &mut String) {
         });
         return;
     }
-    // `{:e}` gives the shortest round-trip digits, e.g. "-1.25e-5".
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').unwrap_or((&sci, "0"));
+    // `{:e}` gives the shortest round-trip digits, e.g. "-1.25e-5" (into a stack buffer: this
+    // runs twice per record).
+    let mut buf = StackStr::default();
+    let _ = write!(buf, "{f:e}");
+    let sci = buf.as_str();
+    let (mantissa, exp) = sci.split_once('e').unwrap_or((sci, "0"));
     let exp: i32 = exp.parse().unwrap_or(0);
     let (negative, mantissa) = match mantissa.strip_prefix('-') {
         Some(m) => (true, m),
         None => (false, mantissa),
     };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    let mut digit_buf = StackStr::default();
+    mantissa
+        .chars()
+        .filter(|c| *c != '.')
+        .for_each(|c| digit_buf.push(c));
+    let digits = digit_buf.as_str();
     let decpt = exp + 1; // value = 0.DIGITS × 10^decpt
     if negative {
         out.push('-');
@@ -119,11 +127,11 @@ pub fn write_json_f64(f: f64, out: &mut String) {
     } else if decpt <= 0 {
         out.push_str("0.");
         out.extend(std::iter::repeat_n('0', decpt.unsigned_abs() as usize));
-        out.push_str(&digits);
+        out.push_str(digits);
     } else {
         let point = decpt as usize;
         if point >= digits.len() {
-            out.push_str(&digits);
+            out.push_str(digits);
             out.extend(std::iter::repeat_n('0', point - digits.len()));
             out.push_str(".0");
         } else {
@@ -134,9 +142,51 @@ pub fn write_json_f64(f: f64, out: &mut String) {
     }
 }
 
+/// A small fixed buffer for formatting one float (shortest f64 digits fit in 32 bytes).
+struct StackStr {
+    buf: [u8; 40],
+    len: usize,
+}
+
+impl Default for StackStr {
+    fn default() -> Self {
+        Self {
+            buf: [0; 40],
+            len: 0,
+        }
+    }
+}
+
+impl StackStr {
+    fn push(&mut self, c: char) {
+        let mut tmp = [0u8; 4];
+        let _ = fmt::Write::write_str(self, c.encode_utf8(&mut tmp));
+    }
+
+    fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or("")
+    }
+}
+
+impl fmt::Write for StackStr {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        let end = self.len + s.len();
+        let dst = self.buf.get_mut(self.len..end).ok_or(fmt::Error)?;
+        dst.copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
+
 /// A JSON string escaped as Python's `json.dumps(ensure_ascii=False)` does.
 pub fn write_json_str(s: &str, out: &mut String) {
     out.push('"');
+    // Most strings need no escaping: one vectorisable scan, one copy.
+    if !s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     let mut start = 0;
     for (i, b) in s.bytes().enumerate() {
         let escape = match b {

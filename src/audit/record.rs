@@ -190,6 +190,8 @@ pub struct AuditRecord {
 impl AuditRecord {
     /// UTC timestamp in the record's text format.
     pub fn format_timestamp(t: chrono::DateTime<chrono::Utc>) -> String {
-        t.format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string()
+        // RFC 3339 with microseconds and `Z`: exactly the seed's `isoformat() + "Z"` shape,
+        // without re-parsing a strftime pattern per call.
+        t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
     }
 }

@@ -202,8 +202,8 @@ pub struct InFlight {
 /// The result of [`InFlight::finish`].
 #[derive(Debug)]
 pub struct Emitted {
-    /// The record as emitted (chained unless dropped).
-    pub record: AuditRecord,
+    /// The record as emitted (chained unless dropped), shared with the store writer.
+    pub record: Arc<AuditRecord>,
     /// The prompt was seen within the window.
     pub duplicate: bool,
     /// Why the record could not be queued, if it was not.
@@ -422,10 +422,10 @@ impl InFlight {
     pub fn finish(self, end: CallEnd) -> Emitted {
         let elapsed = self.start.elapsed();
         let inner = &self.recorder.inner;
-        let call = &self.call;
+        let call = self.call;
         let resp = &end.response;
 
-        let (usage, usage_source) = resolve_usage(call, &end);
+        let (usage, usage_source) = resolve_usage(&call, &end);
         let cost = if usage_source == UsageSource::Missing {
             let status = inner
                 .prices
@@ -438,10 +438,7 @@ impl InFlight {
                 .cost(&call.model, resp.model.as_deref(), &usage)
         };
         let duplicate = inner.duplicates.observe(&call.request_hash, self.start);
-        let preview: String = redact_secrets(&resp.text)
-            .chars()
-            .take(inner.capture.preview_chars)
-            .collect();
+        let preview = preview(&resp.text, inner.capture.preview_chars);
         let error_message = end
             .error
             .as_ref()
@@ -459,20 +456,20 @@ impl InFlight {
             (None, None)
         };
         let cost_picousd = i64::try_from(cost.picousd).unwrap_or(i64::MAX);
-        let mut record = AuditRecord {
+        let record = AuditRecord {
             timestamp: self.timestamp,
             request_id: self.request_id,
-            model: call.model.clone(),
+            model: call.model,
             prompt_tokens: usage.input,
             completion_tokens: usage.output,
             total_tokens: usage.total,
             latency_ms: elapsed.as_secs_f64() * 1000.0,
             status_code: i64::from(end.status_code),
             cost_usd: cost_picousd as f64 / super::pricing::PICO_PER_USD,
-            user_id: call.user_id.clone(),
-            request_hash: call.request_hash.clone(),
+            user_id: call.user_id,
+            request_hash: call.request_hash,
             response_preview: preview,
-            ip_address: call.ip_address.clone(),
+            ip_address: call.ip_address,
             error_message,
             provider: call.provider.to_string(),
             endpoint: call.operation.endpoint().to_owned(),
@@ -486,7 +483,7 @@ impl InFlight {
             cost_status: cost.status,
             outcome: end.outcome,
             ttft_ms: self.first_chunk.map(|d| d.as_secs_f64() * 1000.0),
-            key_id: call.key_id.clone(),
+            key_id: call.key_id,
             attempts: i64::from(self.attempts),
             trace_id,
             span_id,
@@ -497,7 +494,8 @@ impl InFlight {
 
         self.recorder
             .emit_metrics(&record, &end, elapsed, self.first_chunk, duplicate);
-        let (commit, dropped) = match inner.store.submit(&mut record) {
+        let (record, submitted) = inner.store.submit(record);
+        let (commit, dropped) = match submitted {
             Ok(ack) => (ack, None),
             Err(d) => (None, Some(d)),
         };
@@ -517,6 +515,22 @@ impl InFlight {
             commit,
         }
     }
+}
+
+/// The first `chars` characters of `text`, secrets redacted. Only a prefix is scanned (with
+/// room for a key that straddles the cut), not the whole answer.
+fn preview(text: &str, chars: usize) -> String {
+    if chars == 0 {
+        return String::new();
+    }
+    let scan_end = text
+        .char_indices()
+        .nth(chars + 128)
+        .map_or(text.len(), |(i, _)| i);
+    redact_secrets(&text[..scan_end])
+        .chars()
+        .take(chars)
+        .collect()
 }
 
 /// Reported usage when present; otherwise an estimate when an answer (or part of one) exists;

@@ -1,10 +1,13 @@
 //! What the audit needs from a request body: model, stream flag, user, sampling parameters and
 //! the prompt (hashed for duplicate detection, kept for estimation when usage never arrives).
 
+use serde::Deserialize;
 use serde_json::Value;
+use serde_json::error::Category;
 
 use super::canonical::request_hash;
 use super::record::Operation;
+use super::usage::MapOnly;
 use crate::config::Secret;
 
 /// A request body the audit cannot accept. Each maps to a 400 in OpenAI's error shape.
@@ -63,6 +66,25 @@ pub struct ParsedRequest {
     pub request_hash: String,
 }
 
+/// The top-level fields the audit reads. Everything else (tools, response formats, …) is
+/// skipped by the parser without building values for it.
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct RawRequest {
+    model: Option<Value>,
+    messages: Option<Value>,
+    prompt: Option<Value>,
+    input: Option<Value>,
+    stream: Option<Value>,
+    stream_options: Option<Value>,
+    user: Option<Value>,
+    safety_identifier: Option<Value>,
+    max_completion_tokens: Option<Value>,
+    max_tokens: Option<Value>,
+    max_output_tokens: Option<Value>,
+    temperature: Option<Value>,
+}
+
 impl ParsedRequest {
     /// Parses a raw body.
     pub fn from_slice(
@@ -70,9 +92,14 @@ impl ParsedRequest {
         body: &[u8],
         hash_key: Option<&Secret>,
     ) -> Result<Self, RequestError> {
-        let value: Value =
-            serde_json::from_slice(body).map_err(|e| RequestError::NotJson(e.to_string()))?;
-        Self::from_value(operation, value, hash_key)
+        let MapOnly(raw) = serde_json::from_slice::<MapOnly<RawRequest>>(body).map_err(|e| {
+            if e.classify() == Category::Data && !e.to_string().contains("duplicate field") {
+                RequestError::NotObject
+            } else {
+                RequestError::NotJson(e.to_string())
+            }
+        })?;
+        Self::from_raw(operation, raw, hash_key)
     }
 
     /// Parses a body already decoded as JSON.
@@ -81,46 +108,64 @@ impl ParsedRequest {
         value: Value,
         hash_key: Option<&Secret>,
     ) -> Result<Self, RequestError> {
-        let Value::Object(mut body) = value else {
+        if !value.is_object() {
             return Err(RequestError::NotObject);
-        };
-        let model = match body.get("model") {
-            Some(Value::String(m)) if !m.is_empty() => m.clone(),
+        }
+        let raw = serde_json::from_value::<RawRequest>(value)
+            .map_err(|e| RequestError::NotJson(e.to_string()))?;
+        Self::from_raw(operation, raw, hash_key)
+    }
+
+    fn from_raw(
+        operation: Operation,
+        mut raw: RawRequest,
+        hash_key: Option<&Secret>,
+    ) -> Result<Self, RequestError> {
+        let model = match raw.model.take() {
+            Some(Value::String(m)) if !m.is_empty() => m,
             Some(Value::String(_)) | None | Some(Value::Null) => {
                 return Err(RequestError::MissingModel);
             }
             Some(_) => return Err(RequestError::InvalidField("model")),
         };
-        let prompt_key = match operation {
-            Operation::Chat => "messages",
-            Operation::TextCompletion => "prompt",
-            Operation::Embeddings | Operation::Responses => "input",
+        let (prompt_key, prompt) = match operation {
+            Operation::Chat => ("messages", raw.messages.take()),
+            Operation::TextCompletion => ("prompt", raw.prompt.take()),
+            Operation::Embeddings | Operation::Responses => ("input", raw.input.take()),
         };
-        let prompt = match body.remove(prompt_key) {
+        let prompt = match prompt {
             None | Some(Value::Null) => return Err(RequestError::MissingPrompt(prompt_key)),
             Some(p @ Value::Array(_)) => p,
             Some(p @ Value::String(_)) if operation != Operation::Chat => p,
             Some(_) => return Err(RequestError::InvalidField(prompt_key)),
         };
-        let stream = match body.get("stream") {
+        let stream = match raw.stream {
             None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
+            Some(Value::Bool(b)) => b,
             Some(_) => return Err(RequestError::InvalidField("stream")),
         };
-        let include_usage = body
-            .get("stream_options")
+        let include_usage = raw
+            .stream_options
+            .as_ref()
             .and_then(|o| o.get("include_usage"))
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        let user = ["user", "safety_identifier"]
-            .iter()
-            .find_map(|k| body.get(*k).and_then(Value::as_str))
-            .filter(|u| !u.is_empty())
-            .map(str::to_owned);
-        let max_tokens = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-            .iter()
-            .find_map(|k| body.get(*k).and_then(Value::as_i64));
-        let temperature = body.get("temperature").and_then(Value::as_f64);
+        let user = [raw.user, raw.safety_identifier]
+            .into_iter()
+            .flatten()
+            .find_map(|v| match v {
+                Value::String(s) if !s.is_empty() => Some(s),
+                _ => None,
+            });
+        let max_tokens = [
+            raw.max_completion_tokens,
+            raw.max_tokens,
+            raw.max_output_tokens,
+        ]
+        .iter()
+        .flatten()
+        .find_map(Value::as_i64);
+        let temperature = raw.temperature.as_ref().and_then(Value::as_f64);
         let request_hash = request_hash(&prompt, hash_key);
         Ok(Self {
             operation,

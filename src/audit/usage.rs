@@ -5,7 +5,13 @@
 //! details), so every field is optional and a malformed usage block never hides the rest of the
 //! answer: it is reported in [`ResponseSummary::usage_error`] and the counts are estimated.
 
-use serde::Deserialize;
+use std::fmt;
+use std::marker::PhantomData;
+
+use serde::de::value::{MapAccessDeserializer, SeqAccessDeserializer};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+use serde_json::value::RawValue;
 use serde_json::{Number, Value};
 
 /// Token counts of one call. Cached tokens are part of `input`, reasoning tokens of `output`.
@@ -73,10 +79,10 @@ struct RawUsage {
     total_tokens: Option<Number>,
     input_tokens: Option<Number>,
     output_tokens: Option<Number>,
-    prompt_tokens_details: Option<RawPromptDetails>,
-    input_tokens_details: Option<RawPromptDetails>,
-    completion_tokens_details: Option<RawCompletionDetails>,
-    output_tokens_details: Option<RawCompletionDetails>,
+    prompt_tokens_details: Option<MapOnly<RawPromptDetails>>,
+    input_tokens_details: Option<MapOnly<RawPromptDetails>>,
+    completion_tokens_details: Option<MapOnly<RawCompletionDetails>>,
+    output_tokens_details: Option<MapOnly<RawCompletionDetails>>,
     prompt_cache_hit_tokens: Option<Number>,
 }
 
@@ -92,10 +98,86 @@ struct RawCompletionDetails {
     reasoning_tokens: Option<Number>,
 }
 
+/// A struct that must be a JSON object: serde's derive would also read one from an array,
+/// positionally, and `[1, 2, 3]` is not a usage block.
+pub(crate) struct MapOnly<T>(pub(crate) T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for MapOnly<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = MapOnly<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(MapOnly)
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+/// Message content: a string, or a list of parts whose `text` is kept. Read without building
+/// a `serde_json::Value` (this runs for every answer and every stream chunk).
+#[derive(Default)]
+struct Content(String);
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ContentPart {
+    text: Option<String>,
+}
+
+impl<'de> Deserialize<'de> for Content {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Content;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("message content")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Content, E> {
+                Ok(Content(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Content, E> {
+                Ok(Content(v))
+            }
+            fn visit_unit<E>(self) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_none<E>(self) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Content, E> {
+                Ok(Content::default())
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
+                let parts = Vec::<ContentPart>::deserialize(SeqAccessDeserializer::new(seq))?;
+                Ok(Content(parts.into_iter().filter_map(|p| p.text).collect()))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Content, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(Content::default())
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(default)]
 struct RawMessage {
-    content: Option<Value>,
+    content: Option<Content>,
     reasoning_content: Option<String>,
 }
 
@@ -121,8 +203,8 @@ struct RawAnswer {
     id: Option<String>,
     model: Option<String>,
     choices: Option<Vec<RawChoice>>,
-    usage: Option<Value>,
-    error: Option<Value>,
+    usage: Option<Box<RawValue>>,
+    error: Option<Box<RawValue>>,
     // Responses API
     #[serde(rename = "type")]
     kind: Option<String>,
@@ -148,21 +230,16 @@ fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
     if summary.model.is_none() {
         summary.model = raw.model;
     }
-    if let Some(err) = raw.error.filter(|e| !e.is_null()) {
-        summary.error_message = Some(error_text(&err));
+    if let Some(err) = raw.error.filter(|e| e.get() != "null") {
+        summary.error_message = Some(error_text(err.get()));
     }
     for choice in raw.choices.unwrap_or_default() {
         for msg in [choice.message, choice.delta].into_iter().flatten() {
             if let Some(reasoning) = msg.reasoning_content {
                 push_text(&mut summary.reasoning_text, &reasoning);
             }
-            match msg.content {
-                Some(Value::String(s)) => push_text(&mut summary.text, &s),
-                Some(Value::Array(parts)) => parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .for_each(|t| push_text(&mut summary.text, t)),
-                _ => {}
+            if let Some(Content(text)) = msg.content {
+                push_text(&mut summary.text, &text);
             }
         }
         if let Some(t) = choice.text {
@@ -203,8 +280,8 @@ fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
         absorb(summary, *inner);
         summary.text = text;
     }
-    if let Some(usage) = raw.usage.filter(|u| !u.is_null()) {
-        match usage_from_value(usage) {
+    if let Some(usage) = raw.usage.filter(|u| u.get() != "null") {
+        match usage_from_raw(usage.get()) {
             Ok(u) => {
                 summary.usage = Some(u);
                 summary.usage_error = None;
@@ -214,14 +291,14 @@ fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
     }
 }
 
-fn error_text(err: &Value) -> String {
-    match err {
-        Value::String(s) => s.clone(),
-        _ => serde_json::from_value::<RawError>(err.clone())
-            .ok()
-            .and_then(|e| e.message)
-            .unwrap_or_else(|| err.to_string()),
+fn error_text(err: &str) -> String {
+    if let Ok(text) = serde_json::from_str::<String>(err) {
+        return text;
     }
+    serde_json::from_str::<RawError>(err)
+        .ok()
+        .and_then(|e| e.message)
+        .unwrap_or_else(|| err.to_owned())
 }
 
 fn push_text(text: &mut String, piece: &str) {
@@ -246,29 +323,12 @@ fn count(field: &'static str, n: Option<Number>) -> Result<i64, UsageError> {
     }
 }
 
-fn usage_from_value(value: Value) -> Result<Usage, UsageError> {
-    // serde's derive also reads a struct from an array, positionally: `[1, 2, 3]` is not usage.
-    for (field, v) in [
-        ("usage", Some(&value)),
-        ("prompt_tokens_details", value.get("prompt_tokens_details")),
-        ("input_tokens_details", value.get("input_tokens_details")),
-        (
-            "completion_tokens_details",
-            value.get("completion_tokens_details"),
-        ),
-        ("output_tokens_details", value.get("output_tokens_details")),
-    ] {
-        if let Some(v) = v.filter(|v| !v.is_object() && !v.is_null()) {
-            return Err(UsageError::BadCount {
-                field,
-                value: v.to_string(),
-            });
-        }
-    }
-    let raw: RawUsage = serde_json::from_value(value).map_err(|e| UsageError::BadCount {
-        field: "usage",
-        value: e.to_string(),
-    })?;
+fn usage_from_raw(raw: &str) -> Result<Usage, UsageError> {
+    let MapOnly(raw) =
+        serde_json::from_str::<MapOnly<RawUsage>>(raw).map_err(|e| UsageError::BadCount {
+            field: "usage",
+            value: format!("{e}: {}", raw.chars().take(100).collect::<String>()),
+        })?;
     let input = count("prompt_tokens", raw.prompt_tokens.or(raw.input_tokens))?;
     let output = count(
         "completion_tokens",
@@ -278,7 +338,7 @@ fn usage_from_value(value: Value) -> Result<Usage, UsageError> {
     let cached_details = raw
         .prompt_tokens_details
         .or(raw.input_tokens_details)
-        .and_then(|d| d.cached_tokens);
+        .and_then(|d| d.0.cached_tokens);
     let cached = count(
         "cached_tokens",
         cached_details.or(raw.prompt_cache_hit_tokens),
@@ -287,7 +347,7 @@ fn usage_from_value(value: Value) -> Result<Usage, UsageError> {
         "reasoning_tokens",
         raw.completion_tokens_details
             .or(raw.output_tokens_details)
-            .and_then(|d| d.reasoning_tokens),
+            .and_then(|d| d.0.reasoning_tokens),
     )?;
     let total = if total == 0 {
         input.saturating_add(output)

@@ -92,7 +92,7 @@ pub struct ChatResponse {
     /// The upstream's JSON answer, unchanged.
     pub body: Value,
     /// The audit record written for the call.
-    pub record: AuditRecord,
+    pub record: Arc<AuditRecord>,
 }
 
 /// Timeouts of one logical call.
@@ -520,7 +520,7 @@ impl Client {
             .map(|(k, _)| k.to_string())
             .unwrap_or_default();
         let emitted = flight.finish(end);
-        let request_id = emitted.record.request_id;
+        let request_id = emitted.record.request_id.clone();
         let attempts = u32::try_from(emitted.record.attempts).unwrap_or(u32::MAX);
         match kind.as_str() {
             "timeout" => ClientError::Timeout {

@@ -122,7 +122,7 @@ impl Guard {
             .unwrap_or_default();
         let record = flight.finish(end(summary)).record;
         let attempts = u32::try_from(record.attempts).unwrap_or(u32::MAX);
-        Some((record.request_id, attempts))
+        Some((record.request_id.clone(), attempts))
     }
 }
 

@@ -6,7 +6,7 @@
 //! would, so an auditor can re-check the chain with a ten-line script and no llm-audit code.
 
 use hmac::{Hmac, KeyInit, Mac};
-use rusqlite::Connection;
+use rusqlite::{Connection, OptionalExtension as _};
 use sha2::{Digest, Sha256};
 
 use super::schema;
@@ -150,10 +150,7 @@ pub fn last_hash(conn: &Connection) -> rusqlite::Result<String> {
             [start],
             |row| row.get(0),
         )
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
+        .optional()?;
     Ok(last.unwrap_or_else(|| GENESIS.to_owned()))
 }
 

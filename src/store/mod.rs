@@ -13,9 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, RecvTimeoutError, Sender, TrySendError};
+use crossbeam_channel::{Receiver, Sender, TrySendError};
 use rusqlite::Connection;
 use tokio::sync::oneshot;
 
@@ -82,7 +82,7 @@ pub struct NotCommitted;
 pub type CommitAck = oneshot::Receiver<Result<(), NotCommitted>>;
 
 struct Envelope {
-    record: Box<AuditRecord>,
+    record: Arc<AuditRecord>,
     ack: Option<oneshot::Sender<Result<(), NotCommitted>>>,
 }
 
@@ -100,6 +100,7 @@ struct Shared {
     closing: AtomicBool,
     metrics: Arc<Metrics>,
     writer: Mutex<Option<JoinHandle<()>>>,
+    stop: Mutex<Option<Sender<()>>>,
     path: PathBuf,
 }
 
@@ -141,6 +142,7 @@ impl Store {
         schema::prepare(&conn, cfg.durability == Durability::Sync).map_err(sqlite)?;
         let prev_hash = chain::last_hash(&conn).map_err(sqlite)?;
         let (tx, rx) = crossbeam_channel::bounded(cfg.queue_capacity.max(1));
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(0);
         let shared = Arc::new(Shared {
             chain: Mutex::new(ChainState {
                 prev_hash,
@@ -153,11 +155,13 @@ impl Store {
             closing: AtomicBool::new(false),
             metrics,
             writer: Mutex::new(None),
+            stop: Mutex::new(Some(stop_tx)),
             path: cfg.path.clone(),
         });
         let writer = Writer {
             conn,
             rx,
+            stop: stop_rx,
             shared: shared.clone(),
             flush_interval: cfg.flush_interval.0,
             abandoned: false,
@@ -191,10 +195,14 @@ impl Store {
         self.shared.durability
     }
 
-    /// Links `record` into the chain and queues it. Fills `prev_hash` and `record_hash`.
-    /// Returns a commit acknowledgement in `sync` mode. Never blocks on disk.
-    pub fn submit(&self, record: &mut AuditRecord) -> Result<Option<CommitAck>, Dropped> {
-        let bytes = chain::canonical_bytes(record);
+    /// Links `record` into the chain and queues it: fills `prev_hash` and `record_hash`, and
+    /// returns the record (shared with the writer, never copied) with a commit acknowledgement
+    /// in `sync` mode, or why it was dropped. Never blocks on disk.
+    pub fn submit(
+        &self,
+        mut record: AuditRecord,
+    ) -> (Arc<AuditRecord>, Result<Option<CommitAck>, Dropped>) {
+        let bytes = chain::canonical_bytes(&record);
         let (ack_tx, ack_rx) = match self.shared.durability {
             Durability::Sync => {
                 let (t, r) = oneshot::channel();
@@ -206,13 +214,15 @@ impl Store {
         let state = &mut *guard;
         let Some(tx) = state.tx.as_ref() else {
             drop(guard);
-            return Err(self.count_drop(Dropped::Closed, record));
+            let reason = self.count_drop(Dropped::Closed, &record);
+            return (Arc::new(record), Err(reason));
         };
-        let hash = chain::link_hash(&state.prev_hash, &bytes, self.shared.chain_key.as_ref());
-        record.prev_hash = state.prev_hash.clone();
-        record.record_hash = hash;
+        record.record_hash =
+            chain::link_hash(&state.prev_hash, &bytes, self.shared.chain_key.as_ref());
+        record.prev_hash.clone_from(&state.prev_hash);
+        let record = Arc::new(record);
         let envelope = Envelope {
-            record: Box::new(record.clone()),
+            record: record.clone(),
             ack: ack_tx,
         };
         match tx.try_send(envelope) {
@@ -221,17 +231,20 @@ impl Store {
                 state.prev_hash.clone_from(&record.record_hash);
                 drop(guard);
                 self.shared.metrics.store_queue_depth.set(depth as i64);
-                Ok(ack_rx)
+                (record, Ok(ack_rx))
             }
             Err(e) => {
                 drop(guard);
-                record.prev_hash.clear();
-                record.record_hash.clear();
                 let reason = match e {
                     TrySendError::Full(_) => Dropped::QueueFull,
                     TrySendError::Disconnected(_) => Dropped::Closed,
                 };
-                Err(self.count_drop(reason, record))
+                // The record never took its link: hand it back without one.
+                let mut record = Arc::unwrap_or_clone(record);
+                record.prev_hash.clear();
+                record.record_hash.clear();
+                let reason = self.count_drop(reason, &record);
+                (Arc::new(record), Err(reason))
             }
         }
     }
@@ -263,6 +276,13 @@ impl Store {
             .tx
             .take();
         drop(tx);
+        drop(
+            self.shared
+                .stop
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take(),
+        );
         let handle = self
             .shared
             .writer
@@ -284,6 +304,8 @@ impl Store {
 struct Writer {
     conn: Connection,
     rx: Receiver<Envelope>,
+    /// Never sent on; disconnected by shutdown to cut the batching sleep short.
+    stop: Receiver<()>,
     shared: Arc<Shared>,
     flush_interval: Duration,
     /// Shutdown gave up on a batch: every later record links to a lost one, so none is written.
@@ -306,17 +328,20 @@ impl Writer {
         }
     }
 
-    /// Gathers more records: until the flush deadline in batched mode (one wake-up per batch,
-    /// not per record), or only what is already queued in sync mode (a caller is waiting).
+    /// Gathers more records. Batched mode sleeps until the flush deadline and then drains what
+    /// queued meanwhile: one wake-up per batch, not one per record (waking the writer on every
+    /// send costs the request path a futex call and cross-thread contention). A backlog of a
+    /// full batch, shutdown, or sync mode (a caller is waiting) skip the sleep.
     fn fill(&self, batch: &mut Vec<Envelope>) {
-        let deadline = Instant::now() + self.flush_interval;
+        let wait = self.shared.durability == Durability::Batched
+            && self.rx.len() + 1 < MAX_BATCH
+            && !self.shared.closing.load(Ordering::Relaxed);
+        if wait {
+            // Returns at the deadline, or at once when shutdown drops the sender.
+            let _ = self.stop.recv_timeout(self.flush_interval);
+        }
         while batch.len() < MAX_BATCH {
-            let next = if self.shared.durability == Durability::Sync {
-                self.rx.try_recv().map_err(|_| RecvTimeoutError::Timeout)
-            } else {
-                self.rx.recv_deadline(deadline)
-            };
-            match next {
+            match self.rx.try_recv() {
                 Ok(e) => batch.push(e),
                 Err(_) => break,
             }

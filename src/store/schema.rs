@@ -1,7 +1,7 @@
 //! The `audit_logs` table: the seed's columns first, with its names, types and indexes, so the
 //! seed's SQL keeps working; then ours. Records are only ever inserted.
 
-use rusqlite::{Connection, Row, params};
+use rusqlite::{Connection, OptionalExtension as _, Row, params};
 
 use crate::audit::record::{AuditRecord, CostStatus, Outcome, UsageSource};
 
@@ -122,10 +122,7 @@ pub fn chain_start_after(conn: &Connection) -> rusqlite::Result<i64> {
             [CHAIN_START_AFTER],
             |r| r.get(0),
         )
-        .or_else(|e| match e {
-            rusqlite::Error::QueryReturnedNoRows => Ok(None),
-            e => Err(e),
-        })?;
+        .optional()?;
     Ok(v.and_then(|v| v.parse().ok()).unwrap_or(0))
 }
 
