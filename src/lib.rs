@@ -18,8 +18,12 @@
 //! or a row themselves, so the three views cannot disagree.
 
 pub mod audit;
+pub mod cli;
 pub mod client;
 pub mod config;
+pub mod demo;
+pub mod proxy;
+pub mod serve;
 pub mod store;
 pub mod telemetry;
 

@@ -1,7 +1,10 @@
-//! `llm-audit` command line. Subcommands (serve, demo, report, verify, rules, export, prune)
-//! arrive with their issues; today the binary reports its version and points to the example.
+//! `llm-audit`: parse the command line, dispatch, map errors to exit codes
+//! (0 ok, 1 a check failed, 2 usage or environment error).
 
 use std::process::ExitCode;
+
+use clap::Parser as _;
+use llm_audit::cli::{Cli, Command};
 
 // mimalloc: cheaper small allocations and no glibc arena contention between request threads
 // and the store writer (measured in benches/recorder.rs).
@@ -9,17 +12,15 @@ use std::process::ExitCode;
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
-    match std::env::args().nth(1).as_deref() {
-        Some("--version" | "-V") => {
-            println!("llm-audit {}", env!("CARGO_PKG_VERSION"));
-            ExitCode::SUCCESS
-        }
-        _ => {
-            eprintln!(
-                "llm-audit {}: the audit core is a library today; run `cargo run --example audited_chat` \
-                 for a demonstration. Subcommands come with the proxy.",
-                env!("CARGO_PKG_VERSION")
-            );
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => llm_audit::serve::run(args),
+        Command::Demo(args) => llm_audit::demo::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
     }

@@ -197,6 +197,7 @@ pub struct InFlight {
     call: CallStart,
     first_chunk: Option<Duration>,
     attempts: u32,
+    overhead: Option<Duration>,
 }
 
 /// The result of [`InFlight::finish`].
@@ -372,7 +373,27 @@ impl Recorder {
             call,
             first_chunk: None,
             attempts: 0,
+            overhead: None,
         }
+    }
+
+    /// Counts a failed client authentication (`reason` is one of
+    /// [`AUTH_FAILURE_REASONS`](crate::telemetry::metrics::AUTH_FAILURE_REASONS)).
+    pub fn count_auth_failure(&self, reason: &'static str) {
+        self.inner
+            .metrics
+            .auth_failures
+            .with_label_values(&[reason])
+            .inc();
+    }
+
+    /// Counts a request forwarded without an audit record (a `/v1/*` path we do not audit).
+    pub fn count_passthrough(&self, status: u16) {
+        self.inner
+            .metrics
+            .passthrough
+            .with_label_values(&[&status_label(status)])
+            .inc();
     }
 
     fn model_label<'a>(&self, model: &'a str) -> Cow<'a, str> {
@@ -410,6 +431,12 @@ impl InFlight {
         if self.first_chunk.is_none() {
             self.first_chunk = Some(self.start.elapsed());
         }
+    }
+
+    /// Adds time spent in the front door itself (not waiting on the upstream); observed in
+    /// `llm_audit_overhead_seconds` when the call finishes.
+    pub fn add_overhead(&mut self, d: Duration) {
+        *self.overhead.get_or_insert(Duration::ZERO) += d;
     }
 
     /// Counts one upstream attempt.
@@ -494,6 +521,9 @@ impl InFlight {
 
         self.recorder
             .emit_metrics(&record, &end, elapsed, self.first_chunk, duplicate);
+        if let Some(o) = self.overhead {
+            inner.metrics.overhead.observe(o.as_secs_f64());
+        }
         let (record, submitted) = inner.store.submit(record);
         let (commit, dropped) = match submitted {
             Ok(ack) => (ack, None),

@@ -5,7 +5,7 @@
 //! naming which one). Each attempt is a child span of the call's span; the call is one record
 //! with its attempt count.
 
-mod retry;
+pub mod retry;
 mod stream;
 
 use std::sync::Arc;

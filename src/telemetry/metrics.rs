@@ -52,6 +52,8 @@ pub mod names {
     pub const SPAN_EXPORT_ERRORS: &str = "llm_audit_span_export_errors_total";
     /// Build information.
     pub const BUILD_INFO: &str = "llm_audit_build_info";
+    /// Requests forwarded without an audit record.
+    pub const PASSTHROUGH: &str = "llm_audit_passthrough_requests_total";
     /// Label values folded into `__other__`.
     pub const LABEL_OVERFLOW: &str = "llm_audit_label_overflow_total";
     /// GenAI convention: tokens per operation.
@@ -269,6 +271,8 @@ pub struct Metrics {
     pub user_request_tokens: HistogramVec,
     /// `llm_audit_auth_failures_total{reason}`
     pub auth_failures: IntCounterVec,
+    /// `llm_audit_passthrough_requests_total{status}`
+    pub passthrough: IntCounterVec,
     /// `llm_audit_records_written_total`
     pub records_written: IntCounter,
     /// `llm_audit_records_dropped_total{reason}`
@@ -407,6 +411,11 @@ impl Metrics {
                 AUTH_FAILURES,
                 "Failed client authentications by reason.",
                 &["reason"],
+            )?,
+            passthrough: counter(
+                PASSTHROUGH,
+                "Requests to /v1 paths forwarded without an audit record, by HTTP status.",
+                &["status"],
             )?,
             records_written: plain_counter(
                 RECORDS_WRITTEN,

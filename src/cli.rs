@@ -1,0 +1,67 @@
+//! Command-line interface (DESIGN §12). Each flag also reads `LLM_AUDIT_<NAME>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// The audit layer for OpenAI-compatible LLM APIs.
+#[derive(Debug, Parser)]
+#[command(name = "llm-audit", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the auditing proxy: point any OpenAI SDK's base_url at it.
+    Serve(ServeArgs),
+    /// Run the proxy against a built-in simulated upstream with generated traffic (no key, no network).
+    Demo(DemoArgs),
+}
+
+/// `llm-audit serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "LLM_AUDIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Proxy listen address (default 127.0.0.1:8080; port 0 picks a free port).
+    #[arg(long, env = "LLM_AUDIT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Metrics listen address (default 127.0.0.1:9464).
+    #[arg(long, env = "LLM_AUDIT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Upstream base URL, e.g. https://api.openai.com/v1.
+    #[arg(long, env = "LLM_AUDIT_UPSTREAM")]
+    pub upstream: Option<String>,
+    /// Audit database (default ./llm-audit.db).
+    #[arg(long, env = "LLM_AUDIT_DB")]
+    pub db: Option<PathBuf>,
+    /// Validate the configuration, print it (secrets masked) and exit.
+    #[arg(long)]
+    pub check_config: bool,
+}
+
+/// `llm-audit demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// How long to generate traffic, in seconds (0 = until Ctrl-C).
+    #[arg(long, env = "LLM_AUDIT_DURATION", default_value_t = 30)]
+    pub duration: u64,
+    /// Requests per second of generated traffic.
+    #[arg(long, env = "LLM_AUDIT_RPS", default_value_t = 20.0)]
+    pub rps: f64,
+    /// Proxy listen address (default 127.0.0.1:8080).
+    #[arg(long, env = "LLM_AUDIT_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// Metrics listen address (default 127.0.0.1:9464).
+    #[arg(long, env = "LLM_AUDIT_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Audit database (default ./llm-audit.db).
+    #[arg(long, env = "LLM_AUDIT_DB")]
+    pub db: Option<PathBuf>,
+}

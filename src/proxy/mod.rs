@@ -1,0 +1,248 @@
+//! `llm-audit serve`: an OpenAI-compatible reverse proxy that audits every call.
+//!
+//! ```text
+//! client ─▶ [catch-panic] ─▶ [sensitive headers] ─▶ router ─▶ handler::audited ─▶ upstream
+//!                                                              │ identity, limits, parse
+//!                                                              │ Recorder::begin … finish
+//!                                                              └ tee::TeeBody for SSE
+//! metrics listener ─▶ GET /metrics (its own port, so scraping never competes with traffic)
+//! ```
+
+pub mod error;
+pub mod handler;
+pub mod identity;
+pub mod tee;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use axum::serve::ListenerExt as _;
+use ipnet::IpNet;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+
+use crate::audit::{Operation, Recorder};
+use crate::config::Config;
+use identity::Auth;
+
+/// Response header carrying the audit record's `request_id`.
+pub const REQUEST_ID_HEADER: &str = "x-llm-audit-request-id";
+/// Response header carrying the call's cost in USD (non-streamed answers).
+pub const COST_HEADER: &str = "x-llm-audit-cost-usd";
+
+/// What every handler needs, built once.
+#[derive(Debug)]
+pub struct AppState {
+    recorder: Recorder,
+    http: reqwest::Client,
+    upstream_base: String,
+    server_address: Option<String>,
+    server_port: Option<u16>,
+    provider: Arc<str>,
+    auth: Auth,
+    max_body_bytes: usize,
+    max_header_bytes: usize,
+    trusted_proxies: Vec<IpNet>,
+    connect_timeout: Duration,
+    first_byte_timeout: Duration,
+    idle_timeout: Duration,
+    retries: u32,
+}
+
+/// A configuration the proxy cannot start with.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// `upstream.url` is not an http(s) URL.
+    #[error("upstream.url {0:?} is not an http(s) URL")]
+    UpstreamUrl(String),
+    /// `[auth]` is inconsistent.
+    #[error(transparent)]
+    Auth(#[from] identity::AuthConfigError),
+    /// The HTTP client could not be built.
+    #[error("cannot build the upstream HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+impl AppState {
+    /// Checks the proxy's sections of `cfg` and builds the shared state.
+    pub fn new(
+        cfg: &Config,
+        recorder: Recorder,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Self, StartError> {
+        let base = cfg.upstream.url.trim_end_matches('/').to_owned();
+        let url = reqwest::Url::parse(&base).map_err(|_| StartError::UpstreamUrl(base.clone()))?;
+        if !matches!(url.scheme(), "http" | "https") {
+            return Err(StartError::UpstreamUrl(base));
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(cfg.upstream.connect_timeout.0)
+            .tcp_nodelay(true)
+            // An idle pool smaller than the concurrency costs a TCP (and TLS) handshake per
+            // request once it overflows (STACK.md: +29 µs and half the throughput).
+            .pool_max_idle_per_host(1024)
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()?;
+        Ok(Self {
+            auth: Auth::from_config(&cfg.auth, env)?,
+            recorder,
+            http,
+            server_address: url.host_str().map(str::to_owned),
+            server_port: url.port_or_known_default(),
+            upstream_base: base,
+            provider: Arc::from(cfg.upstream.provider.as_str()),
+            max_body_bytes: cfg.server.max_body_bytes,
+            max_header_bytes: cfg.server.max_header_bytes,
+            trusted_proxies: cfg.server.trusted_proxies.clone(),
+            connect_timeout: cfg.upstream.connect_timeout.0,
+            first_byte_timeout: cfg.upstream.first_byte_timeout.0,
+            idle_timeout: cfg.upstream.idle_timeout.0,
+            retries: cfg.upstream.retries,
+        })
+    }
+}
+
+/// The proxy's routes and layers. Outermost first: a panic in any handler becomes an
+/// OpenAI-shaped 500 instead of a dropped connection; `Authorization` is marked sensitive before
+/// anything below could log or trace it.
+pub fn router(state: Arc<AppState>) -> Router {
+    let audited = |op: Operation| move |s, ci, req| handler::audited(op, s, ci, req);
+    Router::new()
+        .route("/v1/chat/completions", post(audited(Operation::Chat)))
+        .route("/v1/completions", post(audited(Operation::TextCompletion)))
+        .route("/v1/embeddings", post(audited(Operation::Embeddings)))
+        .route("/v1/responses", post(audited(Operation::Responses)))
+        .route("/v1/{*rest}", any(handler::passthrough))
+        .route("/healthz", get(handler::healthz))
+        .route("/readyz", get(handler::readyz))
+        .fallback(handler::not_found)
+        .with_state(state)
+        .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
+        .layer(CatchPanicLayer::custom(panic_response))
+}
+
+fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    tracing::error!("A request handler panicked; answered 500.");
+    let body = serde_json::json!({"error": {
+        "message": "internal error in the audit proxy",
+        "type": "server_error",
+        "code": "internal_error",
+    }});
+    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+}
+
+/// A running proxy: its bound addresses and the handle to stop it.
+#[derive(Debug)]
+pub struct Running {
+    /// Proxy address actually bound (port 0 resolved).
+    pub addr: SocketAddr,
+    /// Metrics address actually bound.
+    pub metrics_addr: SocketAddr,
+    cancel: CancellationToken,
+    proxy: JoinHandle<()>,
+    metrics: JoinHandle<()>,
+    grace: Duration,
+}
+
+/// Binds both listeners and serves until [`Running::shutdown`].
+pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(cfg.server.listen).await?;
+    let metrics_listener = bind(cfg.server.metrics_listen).await?;
+    let addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: cfg.server.listen,
+        source,
+    })?;
+    let metrics_addr = metrics_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: cfg.server.metrics_listen,
+            source,
+        })?;
+    let cancel = CancellationToken::new();
+    let metrics = state.recorder.metrics().clone();
+
+    let app = router(Arc::new(state));
+    // axum leaves TCP_NODELAY off; small SSE chunks would then wait for ACKs (STACK.md: c=1
+    // p99 of 3.6 ms).
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    let token = cancel.clone();
+    let proxy = tokio::spawn(async move {
+        let serve = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move { token.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "Proxy server failed.");
+        }
+    });
+    let metrics_app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move {
+                let mut resp = metrics.encode().into_response();
+                resp.headers_mut().insert(
+                    axum::http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                );
+                resp
+            }
+        }),
+    );
+    let token = cancel.clone();
+    let metrics = tokio::spawn(async move {
+        let serve = axum::serve(metrics_listener, metrics_app)
+            .with_graceful_shutdown(async move { token.cancelled().await });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "Metrics server failed.");
+        }
+    });
+    Ok(Running {
+        addr,
+        metrics_addr,
+        cancel,
+        proxy,
+        metrics,
+        grace: cfg.server.shutdown_grace.0,
+    })
+}
+
+impl Running {
+    /// Shutdown steps 1–2: stop accepting, then let in-flight calls (streams included) finish
+    /// within the grace period. Returns whether everything finished in time. The caller then
+    /// drains the store (step 3) and flushes spans (step 4).
+    pub async fn shutdown(self) -> bool {
+        self.cancel.cancel();
+        let finished = tokio::time::timeout(self.grace, self.proxy).await.is_ok();
+        if !finished {
+            tracing::warn!(grace = ?self.grace, "In-flight calls outlived the shutdown grace period.");
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.metrics).await;
+        finished
+    }
+}

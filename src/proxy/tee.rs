@@ -1,0 +1,256 @@
+//! The streaming response body: upstream bytes go to the client the moment they arrive, a
+//! scanner summarises them on the side, and the record is written once at the end.
+//!
+//! When the proxy injected `stream_options.include_usage`, the usage-only chunk is removed from
+//! what the client sees. Only then are bytes of an event held back, until that event is
+//! complete (upstreams write whole events, so in practice nothing waits); without injection the
+//! upstream's chunks are forwarded as they are.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures_util::Stream;
+use tokio::time::{Instant, Sleep};
+
+use super::error::ProxyError;
+use crate::audit::{CallEnd, InFlight, SseScanner};
+
+type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+
+/// The client-facing body of a streamed answer.
+pub struct TeeBody {
+    upstream: Upstream,
+    guard: Guard,
+    hide_usage: bool,
+    held: BytesMut,
+    idle: Duration,
+    idle_timer: Pin<Box<Sleep>>,
+    done: bool,
+}
+
+/// Writes the record exactly once: explicitly at the end of the stream, or from `Drop` when
+/// the client went away first (axum drops the body) — then as `aborted`, with what had arrived.
+struct Guard {
+    flight: Option<InFlight>,
+    scanner: SseScanner,
+    status: u16,
+}
+
+impl Guard {
+    fn finish(&mut self, end: impl FnOnce(crate::audit::ResponseSummary) -> CallEnd) {
+        if let Some(flight) = self.flight.take() {
+            let summary = std::mem::take(&mut self.scanner).finish();
+            flight.finish(end(summary));
+        }
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let status = self.status;
+        self.finish(|summary| CallEnd::aborted(status, summary));
+    }
+}
+
+impl TeeBody {
+    /// Tees `upstream` for `flight`; `hide_usage` when the proxy injected `include_usage`.
+    pub fn new(
+        flight: InFlight,
+        status: u16,
+        upstream: Upstream,
+        hide_usage: bool,
+        idle: Duration,
+    ) -> Self {
+        Self {
+            upstream,
+            guard: Guard {
+                flight: Some(flight),
+                scanner: SseScanner::new(),
+                status,
+            },
+            hide_usage,
+            held: BytesMut::new(),
+            idle,
+            idle_timer: Box::pin(tokio::time::sleep(idle)),
+            done: false,
+        }
+    }
+
+    fn on_chunk(&mut self, chunk: Bytes) -> Bytes {
+        if let Some(flight) = self.guard.flight.as_mut() {
+            flight.mark_first_chunk();
+        }
+        self.guard.scanner.feed(&chunk);
+        if !self.hide_usage {
+            return chunk;
+        }
+        self.held.extend_from_slice(&chunk);
+        let complete = complete_events_len(&self.held);
+        let events = self.held.split_to(complete).freeze();
+        without_usage_only_events(events)
+    }
+
+    fn end_ok(&mut self) {
+        let status = self.guard.status;
+        self.guard
+            .finish(|summary| match summary.error_message.clone() {
+                // An error event inside a 200 stream is a failed call all the same.
+                Some(message) => {
+                    CallEnd::error(status, "upstream_stream_error", message).with_response(summary)
+                }
+                None => CallEnd::ok(status, summary),
+            });
+    }
+}
+
+impl Stream for TeeBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.done {
+                return Poll::Ready(None);
+            }
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    this.idle_timer.as_mut().reset(Instant::now() + this.idle);
+                    let out = this.on_chunk(chunk);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.done = true;
+                    let err = ProxyError::UpstreamTransport(format!("stream broke: {e}"));
+                    this.guard.finish(|s| {
+                        CallEnd::error(502, err.code(), err.to_string()).with_response(s)
+                    });
+                    return Poll::Ready(Some(Err(std::io::Error::other("upstream stream broke"))));
+                }
+                Poll::Ready(None) => {
+                    this.done = true;
+                    this.end_ok();
+                    let rest = std::mem::take(&mut this.held).freeze();
+                    return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
+                }
+                Poll::Pending => {
+                    if this.idle_timer.as_mut().poll(cx).is_ready() {
+                        this.done = true;
+                        let err = ProxyError::UpstreamTimeout {
+                            which: "idle",
+                            after: this.idle,
+                        };
+                        this.guard.finish(|s| {
+                            CallEnd::error(504, err.code(), err.to_string()).with_response(s)
+                        });
+                        return Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "upstream idle timeout",
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+/// Length of the prefix of `buf` made of complete SSE events (each ends with a blank line).
+fn complete_events_len(buf: &[u8]) -> usize {
+    let mut end = 0;
+    let mut line_start = 0;
+    for (i, b) in buf.iter().enumerate() {
+        if *b == b'\n' {
+            let line = &buf[line_start..i];
+            if line.is_empty() || line == b"\r" {
+                end = i + 1;
+            }
+            line_start = i + 1;
+        }
+    }
+    end
+}
+
+/// `events` (complete SSE events) without the usage-only chunk (`"choices":[]` with usage).
+fn without_usage_only_events(events: Bytes) -> Bytes {
+    if events.is_empty() || !contains(&events, b"\"usage\"") {
+        return events;
+    }
+    let mut out = BytesMut::with_capacity(events.len());
+    let mut start = 0;
+    while start < events.len() {
+        let len = complete_events_len_first(&events[start..]);
+        let event = &events[start..start + len];
+        if !is_usage_only(event) {
+            out.extend_from_slice(event);
+        }
+        start += len;
+    }
+    out.freeze()
+}
+
+/// Length of the first complete event in `buf` (or all of it).
+fn complete_events_len_first(buf: &[u8]) -> usize {
+    let mut line_start = 0;
+    for (i, b) in buf.iter().enumerate() {
+        if *b == b'\n' {
+            let line = &buf[line_start..i];
+            if (line.is_empty() || line == b"\r") && i > 0 {
+                return i + 1;
+            }
+            line_start = i + 1;
+        }
+    }
+    buf.len()
+}
+
+fn is_usage_only(event: &[u8]) -> bool {
+    if !contains(event, b"\"usage\"") {
+        return false;
+    }
+    let data: Vec<u8> = event
+        .split(|b| *b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"data:"))
+        .flat_map(|d| {
+            d.strip_prefix(b" ")
+                .unwrap_or(d)
+                .iter()
+                .copied()
+                .filter(|b| *b != b'\r')
+        })
+        .collect();
+    #[derive(serde::Deserialize)]
+    struct Chunk {
+        choices: Option<Vec<serde::de::IgnoredAny>>,
+        usage: Option<serde::de::IgnoredAny>,
+    }
+    serde_json::from_slice::<Chunk>(&data)
+        .is_ok_and(|c| c.usage.is_some() && c.choices.is_some_and(|ch| ch.is_empty()))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_only_chunk_is_removed_and_the_rest_kept_byte_for_byte() {
+        let a = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n";
+        let u = "data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1}}\r\n\r\n";
+        let d = "data: [DONE]\n\n";
+        let all = Bytes::from(format!("{a}{u}{d}"));
+        assert_eq!(complete_events_len(&all), all.len());
+        assert_eq!(
+            without_usage_only_events(all),
+            Bytes::from(format!("{a}{d}"))
+        );
+        let partial = format!("{a}data: {{\"cho");
+        assert_eq!(complete_events_len(partial.as_bytes()), a.len());
+    }
+}
