@@ -165,9 +165,13 @@ impl Default for MetricsConfig {
 pub struct PricingConfig {
     /// Price overrides: our TOML/JSON format or LiteLLM's `model_prices_and_context_window.json`.
     pub file: Option<PathBuf>,
-    /// USD per 1M input tokens for models the table does not know (the seed's 10.0).
+    /// USD per 1M input tokens for models the table does not know (the seed's 10.0);
+    /// `false` for none (unknown models are then `unpriced`).
+    #[serde(deserialize_with = "price_or_off", serialize_with = "price_or_off_ser")]
     pub fallback_input: Option<f64>,
-    /// USD per 1M output tokens for models the table does not know (the seed's 30.0).
+    /// USD per 1M output tokens for models the table does not know (the seed's 30.0);
+    /// `false` for none.
+    #[serde(deserialize_with = "price_or_off", serialize_with = "price_or_off_ser")]
     pub fallback_output: Option<f64>,
 }
 
@@ -178,6 +182,30 @@ impl Default for PricingConfig {
             fallback_input: Some(10.0),
             fallback_output: Some(30.0),
         }
+    }
+}
+
+/// A price, or `false` for "no price" (TOML has no null, and an absent key means the default).
+fn price_or_off<'de, D: Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum P {
+        Price(f64),
+        Off(bool),
+    }
+    match P::deserialize(d)? {
+        P::Price(p) => Ok(Some(p)),
+        P::Off(false) => Ok(None),
+        P::Off(true) => Err(serde::de::Error::custom(
+            "expected a price (USD per 1M tokens) or false",
+        )),
+    }
+}
+
+fn price_or_off_ser<S: Serializer>(v: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match v {
+        Some(p) => s.serialize_f64(*p),
+        None => s.serialize_bool(false),
     }
 }
 
@@ -360,7 +388,7 @@ pub struct Config {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file cannot be read.
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -63,7 +63,7 @@ pub enum PricingError {
     #[error("invalid price {0} (USD per 1M tokens must be a finite number ≥ 0)")]
     Invalid(f64),
     /// The price file could not be read.
-    #[error("cannot read price file {path}: {source}")]
+    #[error("cannot read price file {path}")]
     Io {
         /// The file.
         path: String,

@@ -239,7 +239,7 @@ pub enum RecorderError {
     #[error(transparent)]
     Pricing(#[from] super::pricing::PricingError),
     /// The hash key file cannot be read.
-    #[error("cannot read hash key file {path}: {source}")]
+    #[error("cannot read hash key file {path}")]
     HashKey {
         /// The file.
         path: std::path::PathBuf,

@@ -171,16 +171,9 @@ pub async fn audited(
         *resp.headers_mut() = out_headers;
         return resp;
     }
-    let bytes = match tokio::time::timeout(state.idle_timeout, response.bytes()).await {
-        Ok(Ok(b)) => b,
-        Ok(Err(e)) => return fail(flight, ProxyError::UpstreamTransport(error_chain(&e))),
-        Err(_) => {
-            let err = ProxyError::UpstreamTimeout {
-                which: "idle",
-                after: state.idle_timeout,
-            };
-            return fail(flight, err);
-        }
+    let bytes = match read_body(response, state.idle_timeout).await {
+        Ok(b) => b,
+        Err(err) => return fail(flight, err),
     };
     let after_upstream = Instant::now();
     let end = json_end(status, &bytes);
@@ -197,6 +190,25 @@ pub async fn audited(
     *resp.status_mut() = status;
     *resp.headers_mut() = out_headers;
     resp
+}
+
+/// Reads a whole answer, allowing `idle` between chunks (not in total: some providers send
+/// keep-alive blank lines while a long answer is generated).
+async fn read_body(mut response: reqwest::Response, idle: Duration) -> Result<Bytes, ProxyError> {
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match tokio::time::timeout(idle, response.chunk()).await {
+            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
+            Ok(Ok(None)) => return Ok(buf.freeze()),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamTransport(error_chain(&e))),
+            Err(_) => {
+                return Err(ProxyError::UpstreamTimeout {
+                    which: "idle",
+                    after: idle,
+                });
+            }
+        }
+    }
 }
 
 /// The call's end for a complete (non-streamed) answer.

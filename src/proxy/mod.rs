@@ -71,7 +71,7 @@ pub enum StartError {
     #[error("cannot build the upstream HTTP client: {0}")]
     Client(#[from] reqwest::Error),
     /// A listener could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -92,14 +92,25 @@ impl AppState {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(StartError::UpstreamUrl(base));
         }
-        let http = reqwest::Client::builder()
+        let loopback = url.host_str().is_some_and(|h| {
+            let h = h.trim_start_matches('[').trim_end_matches(']');
+            h.eq_ignore_ascii_case("localhost")
+                || h.parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+        });
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(cfg.upstream.connect_timeout.0)
             .tcp_nodelay(true)
             // An idle pool smaller than the concurrency costs a TCP (and TLS) handshake per
             // request once it overflows (STACK.md: +29 µs and half the throughput).
             .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build()?;
+            .pool_idle_timeout(Duration::from_secs(90));
+        if loopback {
+            // HTTP(S)_PROXY is for reaching the outside; a local upstream (vLLM, Ollama, the
+            // demo) is never behind it.
+            builder = builder.no_proxy();
+        }
+        let http = builder.build()?;
         Ok(Self {
             auth: Auth::from_config(&cfg.auth, env)?,
             recorder,

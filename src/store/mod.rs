@@ -32,7 +32,7 @@ const SHUTDOWN_RETRIES: u32 = 5;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// SQLite refused.
-    #[error("audit store {path}: {source}")]
+    #[error("audit store {path}")]
     Sqlite {
         /// Database file.
         path: PathBuf,
@@ -40,7 +40,7 @@ pub enum StoreError {
         source: rusqlite::Error,
     },
     /// A key file could not be read.
-    #[error("cannot read key file {path}: {source}")]
+    #[error("cannot read key file {path}")]
     KeyFile {
         /// The file.
         path: PathBuf,
