@@ -81,26 +81,50 @@ impl Stack {
     }
 }
 
-/// Waits for SIGINT or SIGTERM.
-pub async fn signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT/SIGTERM handlers, installed before anything listens so a signal that arrives during
+/// start-up still shuts down in order instead of killing the process.
+pub struct Signals {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    handlers: Vec<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    /// Installs the handlers (inside a Tokio runtime).
+    pub fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let handlers = [SignalKind::interrupt(), SignalKind::terminate()]
+                .into_iter()
+                .filter_map(|k| signal(k).ok())
+                .collect();
+            Self { handlers }
         }
+        #[cfg(not(unix))]
+        Self {}
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+    /// Waits for SIGINT or SIGTERM.
+    pub async fn wait(self) {
+        #[cfg(unix)]
+        {
+            let waits = self.handlers.into_iter().map(|mut s| {
+                Box::pin(async move {
+                    s.recv().await;
+                })
+            });
+            if waits.len() > 0 {
+                futures_util::future::select_all(waits).await;
+                return;
+            }
+        }
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Waits for SIGINT or SIGTERM (handlers installed now).
+pub async fn signal() {
+    Signals::install().wait().await;
 }
 
 /// Prints where the proxy listens, in the stable form scripts and tests parse.
@@ -121,9 +145,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
+        let signals = Signals::install();
         let stack = launch(&cfg, true).await?;
         announce(&stack, &cfg.store.path);
-        signal().await;
+        signals.wait().await;
         eprintln!("shutting down: finishing in-flight calls, then the audit log");
         stack.shutdown().await;
         Ok(ExitCode::SUCCESS)

@@ -80,6 +80,30 @@ pub struct CallStart {
     pub parent: Option<opentelemetry::Context>,
 }
 
+impl Default for CallStart {
+    /// An empty call (what a finished `InFlight` keeps); cheap, no allocation.
+    fn default() -> Self {
+        Self {
+            operation: Operation::Chat,
+            provider: Arc::clone(&EMPTY_PROVIDER),
+            model: String::new(),
+            stream: false,
+            max_tokens: None,
+            temperature: None,
+            user_id: None,
+            ip_address: None,
+            key_id: None,
+            request_hash: String::new(),
+            prompt: None,
+            server_address: None,
+            server_port: None,
+            parent: None,
+        }
+    }
+}
+
+static EMPTY_PROVIDER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 impl CallStart {
     /// A call described by a parsed request body.
     pub fn from_request(req: ParsedRequest, provider: Arc<str>) -> Self {
@@ -198,7 +222,12 @@ pub struct InFlight {
     first_chunk: Option<Duration>,
     attempts: u32,
     overhead: Option<Duration>,
+    finished: bool,
 }
+
+/// Status recorded for a call dropped before it was finished: the front door went away
+/// mid-call (e.g. hyper dropped a handler whose client hung up). nginx's "client closed request".
+pub const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 /// The result of [`InFlight::finish`].
 #[derive(Debug)]
@@ -374,6 +403,7 @@ impl Recorder {
             first_chunk: None,
             attempts: 0,
             overhead: None,
+            finished: false,
         }
     }
 
@@ -446,10 +476,18 @@ impl InFlight {
     }
 
     /// Ends the call: builds the record, emits span attributes, metrics and the row.
-    pub fn finish(self, end: CallEnd) -> Emitted {
+    pub fn finish(mut self, end: CallEnd) -> Emitted {
+        self.finish_once(end)
+    }
+
+    /// Builds and emits the record; runs once, from `finish` or from `Drop`.
+    fn finish_once(&mut self, end: CallEnd) -> Emitted {
+        self.finished = true;
         let elapsed = self.start.elapsed();
-        let inner = &self.recorder.inner;
-        let call = self.call;
+        let recorder = self.recorder.clone();
+        let inner = &recorder.inner;
+        let call = std::mem::take(&mut self.call);
+        let span = std::mem::replace(&mut self.span, Span::none());
         let resp = &end.response;
 
         let (usage, usage_source) = resolve_usage(&call, &end);
@@ -472,7 +510,7 @@ impl InFlight {
             .map(|(_, m)| m.clone())
             .or_else(|| resp.error_message.clone())
             .map(|m| redact_secrets(&m).into_owned());
-        let otel_cx = self.span.context();
+        let otel_cx = span.context();
         let span_cx = otel_cx.span().span_context().clone();
         let (trace_id, span_id) = if span_cx.is_valid() {
             (
@@ -484,8 +522,8 @@ impl InFlight {
         };
         let cost_picousd = i64::try_from(cost.picousd).unwrap_or(i64::MAX);
         let record = AuditRecord {
-            timestamp: self.timestamp,
-            request_id: self.request_id,
+            timestamp: std::mem::take(&mut self.timestamp),
+            request_id: std::mem::take(&mut self.request_id),
             model: call.model,
             prompt_tokens: usage.input,
             completion_tokens: usage.output,
@@ -519,8 +557,7 @@ impl InFlight {
             record_hash: String::new(),
         };
 
-        self.recorder
-            .emit_metrics(&record, &end, elapsed, self.first_chunk, duplicate);
+        recorder.emit_metrics(&record, &end, elapsed, self.first_chunk, duplicate);
         if let Some(o) = self.overhead {
             inner.metrics.overhead.observe(o.as_secs_f64());
         }
@@ -530,19 +567,32 @@ impl InFlight {
             Err(d) => (None, Some(d)),
         };
         emit_span(
-            &self.span,
+            &span,
             &record,
             &end,
             duplicate,
             inner.capture.span_content,
             &resp.text,
         );
-        drop(self.span);
+        drop(span);
         Emitted {
             record,
             duplicate,
             dropped,
             commit,
+        }
+    }
+}
+
+impl Drop for InFlight {
+    /// A call is never lost to an early return or a dropped future: unfinished, it is recorded
+    /// as `aborted` with status 499.
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finish_once(CallEnd::aborted(
+                CLIENT_CLOSED_REQUEST,
+                ResponseSummary::default(),
+            ));
         }
     }
 }

@@ -120,6 +120,8 @@ pub async fn audited(
         return reject(&state, start, ProxyError::StoreUnavailable);
     }
 
+    // If the client hangs up before the answer, hyper drops this future and `flight` with it:
+    // `InFlight`'s `Drop` records the call as aborted (the upstream got it, and bills it).
     let mut flight = state.recorder.begin(start);
     let wire_body = if hide_usage {
         inject_include_usage(&body)
@@ -416,11 +418,20 @@ fn response_headers(upstream: &HeaderMap) -> HeaderMap {
 pub async fn passthrough(State(state): State<Arc<AppState>>, request: Request) -> Response {
     let request_id = uuid::Uuid::now_v7().to_string();
     let (parts, body) = request.into_parts();
+    // Keys mode guards every path: this one goes upstream with the proxy's own key.
+    if let Err(err) = state.auth.check(&parts.headers) {
+        if let ProxyError::Unauthorized { reason, .. } = err {
+            state.recorder.count_auth_failure(reason);
+        }
+        state.recorder.count_passthrough(err.status().as_u16());
+        return err.into_response_with_id(&request_id);
+    }
     let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
         Ok(b) => b,
         Err(_) => {
-            return ProxyError::BodyTooLarge(state.max_body_bytes)
-                .into_response_with_id(&request_id);
+            let err = ProxyError::BodyTooLarge(state.max_body_bytes);
+            state.recorder.count_passthrough(err.status().as_u16());
+            return err.into_response_with_id(&request_id);
         }
     };
     let url = upstream_url(&state.upstream_base, parts.uri.path(), parts.uri.query());
@@ -472,14 +483,41 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// A path we serve with a method it does not take: OpenAI's shape, not axum's empty 405.
+pub async fn method_not_allowed(request: Request) -> Response {
+    let message = format!(
+        "method {} is not allowed on {}",
+        request.method(),
+        request.uri().path()
+    );
+    unaudited_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        message,
+    )
+}
+
 /// Anything else: OpenAI's 404 shape.
 pub async fn not_found(request: Request) -> Response {
-    let body = serde_json::json!({"error": {
-        "message": format!("unknown path {}", request.uri().path()),
-        "type": "invalid_request_error",
-        "code": "not_found",
-    }});
-    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+    let message = format!("unknown path {}", request.uri().path());
+    unaudited_error(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        message,
+    )
+}
+
+/// An OpenAI-shaped error for a request that has no audit record; it still carries a fresh
+/// `x-llm-audit-request-id`, like every response.
+pub fn unaudited_error(status: StatusCode, kind: &str, code: &str, message: String) -> Response {
+    let body = serde_json::json!({"error": {"message": message, "type": kind, "code": code}});
+    let mut response = (status, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&uuid::Uuid::now_v7().to_string()) {
+        response.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    response
 }
 
 /// An error and its sources: "error sending request: connection refused".

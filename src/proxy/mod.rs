@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::http::header::AUTHORIZATION;
 use axum::http::{HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse as _, Response};
 use axum::routing::{any, get, post};
 use axum::serve::ListenerExt as _;
 use ipnet::IpNet;
@@ -143,6 +143,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/{*rest}", any(handler::passthrough))
         .route("/healthz", get(handler::healthz))
         .route("/readyz", get(handler::readyz))
+        .method_not_allowed_fallback(handler::method_not_allowed)
         .fallback(handler::not_found)
         .with_state(state)
         .layer(SetSensitiveRequestHeadersLayer::new([AUTHORIZATION]))
@@ -151,12 +152,12 @@ pub fn router(state: Arc<AppState>) -> Router {
 
 fn panic_response(_: Box<dyn std::any::Any + Send + 'static>) -> Response {
     tracing::error!("A request handler panicked; answered 500.");
-    let body = serde_json::json!({"error": {
-        "message": "internal error in the audit proxy",
-        "type": "server_error",
-        "code": "internal_error",
-    }});
-    (StatusCode::INTERNAL_SERVER_ERROR, axum::Json(body)).into_response()
+    handler::unaudited_error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "server_error",
+        "internal_error",
+        "internal error in the audit proxy".into(),
+    )
 }
 
 /// A running proxy: its bound addresses and the handle to stop it.

@@ -355,10 +355,15 @@ pub fn chat_completion(model: &str, content: &str, prompt: i64, completion: i64)
     })
 }
 
+/// Chooses the reply from the request and its index (see [`FakeUpstream::start_with`]).
+pub type Responder = Arc<dyn Fn(&RecordedRequest, usize) -> Reply + Send + Sync>;
+
 #[derive(Default)]
 struct Shared {
     script: Mutex<VecDeque<Reply>>,
     exchanges: Mutex<Vec<Exchange>>,
+    /// When set, replaces the script.
+    responder: Option<Responder>,
 }
 
 #[derive(Clone)]
@@ -383,6 +388,22 @@ impl FakeUpstream {
         let shared = Arc::new(Shared {
             script: Mutex::new(script.into()),
             exchanges: Mutex::default(),
+            responder: None,
+        });
+        let task = tokio::spawn(accept_loop(listener, shared.clone()));
+        Self { addr, shared, task }
+    }
+
+    /// Starts answering each request with `respond(request, index)` instead of a script: for
+    /// concurrent traffic, whose arrival order (and so the order of a script) is not known.
+    pub async fn start_with(
+        respond: impl Fn(&RecordedRequest, usize) -> Reply + Send + Sync + 'static,
+    ) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = Arc::new(Shared {
+            responder: Some(Arc::new(respond)),
+            ..Shared::default()
         });
         let task = tokio::spawn(accept_loop(listener, shared.clone()));
         Self { addr, shared, task }
@@ -465,7 +486,10 @@ async fn serve_connection(mut stream: TcpStream, shared: Arc<Shared>) {
             });
             exchanges.len() - 1
         };
-        let reply = shared.script.lock().unwrap().pop_front();
+        let reply = match &shared.responder {
+            Some(respond) => Some(respond(&request, index)),
+            None => shared.script.lock().unwrap().pop_front(),
+        };
         let reply = reply.unwrap_or_else(|| Reply::error(500, "server_error", EXHAUSTED));
         if !reply.delay.is_zero() {
             tokio::time::sleep(reply.delay).await;
