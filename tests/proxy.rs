@@ -719,8 +719,24 @@ async fn client_disconnect_mid_stream_is_recorded_as_aborted_with_estimated_usag
     assert_eq!(up.sent_events(0).len(), 2);
     let scrape = p.scrape().await;
     assert_eq!(
-        scrape.value("llm_audit_requests_total", &[("outcome", "aborted")]),
+        scrape.value(
+            "llm_audit_requests_total",
+            &[("outcome", "aborted"), ("status", "200")]
+        ),
         Some(1.0)
+    );
+    // The proxy's own answers exist at 0 from start-up (model `unknown`), so a rule's first
+    // increase() is a step from 0.
+    assert_eq!(
+        scrape.value(
+            "llm_audit_requests_total",
+            &[
+                ("outcome", "aborted"),
+                ("status", "499"),
+                ("model", "unknown")
+            ]
+        ),
+        Some(0.0)
     );
     assert_eq!(p.finish().await.len(), 1);
 }

@@ -132,7 +132,7 @@ impl CallStart {
             .ok()
             .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned))
             .filter(|m| !m.is_empty())
-            .unwrap_or_else(|| "unknown".into());
+            .unwrap_or_else(|| crate::telemetry::metrics::UNKNOWN_MODEL.into());
         Self {
             operation,
             provider,

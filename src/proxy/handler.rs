@@ -249,7 +249,7 @@ fn json_end(status: StatusCode, bytes: &[u8]) -> CallEnd {
 async fn send(
     state: &AppState,
     flight: &mut InFlight,
-    url: &str,
+    url: &reqwest::Url,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<reqwest::Response, ProxyError> {
@@ -261,7 +261,7 @@ async fn send(
         let attempt = flight.add_attempt();
         let request = state
             .http
-            .post(url)
+            .post(url.clone())
             .headers(headers.clone())
             .body(body.clone())
             .send();
@@ -366,13 +366,16 @@ pub fn inject_include_usage(body: &Bytes) -> Bytes {
         .unwrap_or_else(|_| body.clone())
 }
 
-/// `base` (`https://api.openai.com/v1`) joined with the request path after `/v1`.
-pub fn upstream_url(base: &str, path: &str, query: Option<&str>) -> String {
+/// `base` (`https://api.openai.com/v1`, parsed once at start-up) joined with the request path
+/// after `/v1`. Editing a parsed URL instead of parsing a string saves a full URL parse per
+/// request.
+pub fn upstream_url(base: &reqwest::Url, path: &str, query: Option<&str>) -> reqwest::Url {
     let rest = path.strip_prefix("/v1").unwrap_or(path);
-    match query {
-        Some(q) => format!("{base}{rest}?{q}"),
-        None => format!("{base}{rest}"),
-    }
+    let mut url = base.clone();
+    let joined = format!("{}{rest}", base.path().trim_end_matches('/'));
+    url.set_path(&joined);
+    url.set_query(query);
+    url
 }
 
 /// Request headers for the upstream: everything but hop-by-hop headers, our own `x-llm-audit-*`
@@ -567,13 +570,15 @@ mod tests {
 
     #[test]
     fn urls_join_after_v1() {
+        let base = reqwest::Url::parse("https://api.example.com/v1").unwrap();
         assert_eq!(
-            upstream_url(
-                "https://api.example.com/v1",
-                "/v1/chat/completions",
-                Some("a=1")
-            ),
+            upstream_url(&base, "/v1/chat/completions", Some("a=1")).as_str(),
             "https://api.example.com/v1/chat/completions?a=1"
+        );
+        let base = reqwest::Url::parse("http://127.0.0.1:8000/v1/").unwrap();
+        assert_eq!(
+            upstream_url(&base, "/v1/models", None).as_str(),
+            "http://127.0.0.1:8000/v1/models"
         );
     }
 }

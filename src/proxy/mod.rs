@@ -44,7 +44,7 @@ pub const COST_HEADER: &str = "x-llm-audit-cost-usd";
 pub struct AppState {
     recorder: Recorder,
     http: reqwest::Client,
-    upstream_base: String,
+    upstream_base: reqwest::Url,
     server_address: Option<String>,
     server_port: Option<u16>,
     provider: Arc<str>,
@@ -117,7 +117,7 @@ impl AppState {
             http,
             server_address: url.host_str().map(str::to_owned),
             server_port: url.port_or_known_default(),
-            upstream_base: base,
+            upstream_base: url,
             provider: Arc::from(cfg.upstream.provider.as_str()),
             max_body_bytes: cfg.server.max_body_bytes,
             max_header_bytes: cfg.server.max_header_bytes,
@@ -194,6 +194,7 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
         })?;
     let cancel = CancellationToken::new();
     let metrics = state.recorder.metrics().clone();
+    metrics.init_front_door_series(&state.provider);
 
     let app = router(Arc::new(state));
     // axum leaves TCP_NODELAY off; small SSE chunks would then wait for ACKs (STACK.md: c=1

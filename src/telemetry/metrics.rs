@@ -68,6 +68,12 @@ pub const OTHER: &str = "__other__";
 /// Why a record was dropped.
 pub const DROP_REASONS: [&str; 3] = ["queue_full", "closed", "write_failed"];
 
+/// Statuses the proxy answers itself (413, 415, 431, 400, 401, 503, 502, 504).
+pub const OWN_STATUSES: [&str; 8] = ["400", "401", "413", "415", "431", "502", "503", "504"];
+
+/// Model label of calls whose body named no model.
+pub const UNKNOWN_MODEL: &str = "unknown";
+
 /// Why an authentication failed.
 pub const AUTH_FAILURE_REASONS: [&str; 3] = ["missing_key", "unknown_key", "malformed"];
 
@@ -484,6 +490,19 @@ impl Metrics {
         for reason in AUTH_FAILURE_REASONS {
             self.auth_failures.with_label_values(&[reason]);
         }
+    }
+
+    /// Creates at 0 the series of a front door's own answers for `provider`: every status the
+    /// proxy answers itself (rejections, timeouts) and client disconnects, under model
+    /// `unknown` (how a call whose body named no model is recorded). A rule's `increase()` then
+    /// sees the first rejection as a step from 0, not as a series born with its first sample.
+    pub fn init_front_door_series(&self, provider: &str) {
+        for status in OWN_STATUSES {
+            self.requests
+                .with_label_values(&[provider, UNKNOWN_MODEL, "error", status]);
+        }
+        self.requests
+            .with_label_values(&[provider, UNKNOWN_MODEL, "aborted", "499"]);
     }
 
     /// The registry, for serving `/metrics`.
