@@ -8,11 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use opentelemetry::trace::{Status, TraceContextExt as _};
-use opentelemetry::{Array, StringValue, Value as OtelValue};
+use opentelemetry::{Array, KeyValue, StringValue, Value as OtelValue};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tracing::Span;
-use tracing::field::Empty;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::duplicates::DuplicateDetector;
@@ -359,39 +358,46 @@ impl Recorder {
             gen_ai.request.stream = call.stream,
             llm_audit.request_id = %request_id,
             llm_audit.request_hash = %call.request_hash,
-            error.type = Empty,
         );
         if let Some(parent) = &call.parent {
             let _ = span.set_parent(parent.clone());
         }
-        if let Some(m) = call.max_tokens {
-            span.set_attribute("gen_ai.request.max_tokens", m);
-        }
-        if let Some(t) = call.temperature {
-            span.set_attribute("gen_ai.request.temperature", t);
-        }
-        if let Some(a) = &call.server_address {
-            span.set_attribute("server.address", a.clone());
-        }
-        if let Some(p) = call.server_port {
-            span.set_attribute("server.port", i64::from(p));
-        }
-        if let Some(ip) = &call.ip_address {
-            span.set_attribute("client.address", ip.clone());
-        }
-        if let Some(u) = &call.user_id {
-            span.set_attribute("user.id", u.clone());
-        }
-        if let Some(k) = &call.key_id {
-            span.set_attribute("llm_audit.key_id", k.clone());
-        }
-        if self.inner.capture.span_content
-            && let Some(p) = &call.prompt
-        {
-            span.set_attribute(
-                "gen_ai.input.messages",
-                redact_secrets(&p.to_string()).into_owned(),
-            );
+        // One look-up of the OpenTelemetry span and one call for all attributes, not one
+        // subscriber look-up per attribute (measured: the per-attribute path dominated).
+        let otel_cx = span.context();
+        let otel_span = otel_cx.span();
+        if otel_span.span_context().is_valid() {
+            let mut kvs = Vec::with_capacity(8);
+            if let Some(m) = call.max_tokens {
+                kvs.push(KeyValue::new("gen_ai.request.max_tokens", m));
+            }
+            if let Some(t) = call.temperature {
+                kvs.push(KeyValue::new("gen_ai.request.temperature", t));
+            }
+            if let Some(a) = &call.server_address {
+                kvs.push(KeyValue::new("server.address", a.clone()));
+            }
+            if let Some(p) = call.server_port {
+                kvs.push(KeyValue::new("server.port", i64::from(p)));
+            }
+            if let Some(ip) = &call.ip_address {
+                kvs.push(KeyValue::new("client.address", ip.clone()));
+            }
+            if let Some(u) = &call.user_id {
+                kvs.push(KeyValue::new("user.id", u.clone()));
+            }
+            if let Some(k) = &call.key_id {
+                kvs.push(KeyValue::new("llm_audit.key_id", k.clone()));
+            }
+            if self.inner.capture.span_content
+                && let Some(p) = &call.prompt
+            {
+                kvs.push(KeyValue::new(
+                    "gen_ai.input.messages",
+                    redact_secrets(&p.to_string()).into_owned(),
+                ));
+            }
+            otel_span.set_attributes(kvs);
         }
         InFlight {
             recorder: self.clone(),
@@ -567,7 +573,7 @@ impl InFlight {
             Err(d) => (None, Some(d)),
         };
         emit_span(
-            &span,
+            &otel_cx,
             &record,
             &end,
             duplicate,
@@ -747,18 +753,24 @@ fn status_label(status: u16) -> Cow<'static, str> {
 }
 
 fn emit_span(
-    span: &Span,
+    cx: &opentelemetry::Context,
     r: &AuditRecord,
     end: &CallEnd,
     duplicate: bool,
     content: bool,
     text: &str,
 ) {
+    let span = cx.span();
+    // No OpenTelemetry layer (or a non-recording span): nothing would read these values.
+    if !span.span_context().is_valid() {
+        return;
+    }
+    let mut kvs = Vec::with_capacity(24);
     if let Some(m) = &r.response_model {
-        span.set_attribute("gen_ai.response.model", m.clone());
+        kvs.push(KeyValue::new("gen_ai.response.model", m.clone()));
     }
     if let Some(id) = &r.response_id {
-        span.set_attribute("gen_ai.response.id", id.clone());
+        kvs.push(KeyValue::new("gen_ai.response.id", id.clone()));
     }
     if !end.response.finish_reasons.is_empty() {
         let reasons: Vec<StringValue> = end
@@ -767,37 +779,62 @@ fn emit_span(
             .iter()
             .map(|s| StringValue::from(s.clone()))
             .collect();
-        span.set_attribute(
+        kvs.push(KeyValue::new(
             "gen_ai.response.finish_reasons",
             OtelValue::Array(Array::String(reasons)),
-        );
+        ));
     }
     if r.usage_source != UsageSource::Missing {
-        span.set_attribute("gen_ai.usage.input_tokens", r.prompt_tokens);
-        span.set_attribute("gen_ai.usage.output_tokens", r.completion_tokens);
-        span.set_attribute("gen_ai.usage.cache_read.input_tokens", r.cached_tokens);
-        span.set_attribute("gen_ai.usage.reasoning.output_tokens", r.reasoning_tokens);
+        kvs.push(KeyValue::new("gen_ai.usage.input_tokens", r.prompt_tokens));
+        kvs.push(KeyValue::new(
+            "gen_ai.usage.output_tokens",
+            r.completion_tokens,
+        ));
+        kvs.push(KeyValue::new(
+            "gen_ai.usage.cache_read.input_tokens",
+            r.cached_tokens,
+        ));
+        kvs.push(KeyValue::new(
+            "gen_ai.usage.reasoning.output_tokens",
+            r.reasoning_tokens,
+        ));
     }
     if let Some(t) = r.ttft_ms {
-        span.set_attribute("gen_ai.response.time_to_first_chunk", t / 1000.0);
+        kvs.push(KeyValue::new(
+            "gen_ai.response.time_to_first_chunk",
+            t / 1000.0,
+        ));
     }
-    span.set_attribute("http.response.status_code", r.status_code);
-    span.set_attribute("llm_audit.duplicate", duplicate);
-    span.set_attribute("llm_audit.cost_usd", r.cost_usd);
-    span.set_attribute("llm_audit.cost_status", r.cost_status.as_str());
-    span.set_attribute("llm_audit.usage_source", r.usage_source.as_str());
-    span.set_attribute("llm_audit.outcome", r.outcome.as_str());
-    span.set_attribute("llm_audit.attempts", r.attempts);
+    kvs.push(KeyValue::new("http.response.status_code", r.status_code));
+    kvs.push(KeyValue::new("llm_audit.duplicate", duplicate));
+    kvs.push(KeyValue::new("llm_audit.cost_usd", r.cost_usd));
+    kvs.push(KeyValue::new(
+        "llm_audit.cost_status",
+        r.cost_status.as_str(),
+    ));
+    kvs.push(KeyValue::new(
+        "llm_audit.usage_source",
+        r.usage_source.as_str(),
+    ));
+    kvs.push(KeyValue::new("llm_audit.outcome", r.outcome.as_str()));
+    kvs.push(KeyValue::new("llm_audit.attempts", r.attempts));
     if !r.record_hash.is_empty() {
-        span.set_attribute("llm_audit.record_hash", r.record_hash.clone());
+        kvs.push(KeyValue::new(
+            "llm_audit.record_hash",
+            r.record_hash.clone(),
+        ));
     }
     if content && !text.is_empty() {
-        span.set_attribute("gen_ai.output.messages", redact_secrets(text).into_owned());
+        kvs.push(KeyValue::new(
+            "gen_ai.output.messages",
+            redact_secrets(text).into_owned(),
+        ));
     }
     if let Some((kind, message)) = &end.error {
-        span.record("error.type", kind.as_ref());
+        kvs.push(KeyValue::new("error.type", kind.to_string()));
         span.set_status(Status::error(redact_secrets(message).into_owned()));
     }
+    span.set_attributes(kvs);
 }
 
 /// Replaces things that look like credentials (OpenAI/Anthropic/GitHub/Slack/AWS/Google key

@@ -10,7 +10,9 @@ use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::{WithExportConfig, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{SdkTracerProvider, SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{
+    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter,
+};
 use prometheus::IntCounter;
 use tracing::Subscriber;
 use tracing_subscriber::Layer;
@@ -151,11 +153,24 @@ pub fn tracer_provider(
             .build(),
     }
     .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    // The SDK's default queue (2,048 spans, flushed every 5 s) overflows — and silently drops
+    // spans — above ~400 calls/s. A larger queue flushed every second keeps every span at
+    // thousands of calls/s; the standard OTEL_BSP_* variables still win when set.
+    let mut batch = BatchConfigBuilder::default();
+    if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
+        batch = batch.with_max_queue_size(16_384);
+    }
+    if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
+        batch = batch.with_scheduled_delay(Duration::from_secs(1));
+    }
+    let processor = BatchSpanProcessor::builder(CountingExporter {
+        inner: exporter,
+        errors: export_errors,
+    })
+    .with_batch_config(batch.build())
+    .build();
     let provider = SdkTracerProvider::builder()
-        .with_batch_exporter(CountingExporter {
-            inner: exporter,
-            errors: export_errors,
-        })
+        .with_span_processor(processor)
         .with_resource(
             Resource::builder()
                 .with_service_name(cfg.service_name.clone())
