@@ -26,6 +26,7 @@ pub mod proxy;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
+pub mod wire;
 
 pub use audit::{AuditRecord, Recorder};
 pub use client::Client;

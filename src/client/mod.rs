@@ -12,9 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use opentelemetry::propagation::{Injector, TextMapPropagator as _};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
-use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::Value;
 use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
@@ -28,6 +26,7 @@ use crate::audit::{
     AuditRecord, CallEnd, CallStart, InFlight, Operation, ParsedRequest, Recorder, RequestError,
 };
 use crate::config::Secret;
+use crate::wire::{error_chain, inject_trace_context};
 
 /// Why an audited call failed. Every variant except `StoreUnavailable` carries the
 /// `request_id` of the audit record written for it.
@@ -412,8 +411,7 @@ impl Client {
             v.set_sensitive(true);
             headers.insert(reqwest::header::AUTHORIZATION, v);
         }
-        TraceContextPropagator::new()
-            .inject_context(&span.context(), &mut HeaderInjector(&mut headers));
+        inject_trace_context(&span.context(), &mut headers);
         let request = inner
             .http
             .post(format!("{}/chat/completions", inner.base_url))
@@ -564,30 +562,5 @@ fn upstream_error_message(body: &[u8]) -> String {
     match parse_json_response(body) {
         Ok(s) if s.error_message.is_some() => s.error_message.unwrap_or_default(),
         _ => String::from_utf8_lossy(body).chars().take(200).collect(),
-    }
-}
-
-/// An error and its sources, e.g. "error sending request: connection reset by peer".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-struct HeaderInjector<'a>(&'a mut HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
     }
 }

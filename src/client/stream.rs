@@ -10,8 +10,9 @@ use bytes::Bytes;
 use futures_util::{Stream, StreamExt as _};
 use serde_json::Value;
 
-use super::{ClientError, error_chain};
+use super::ClientError;
 use crate::audit::{CallEnd, InFlight, SseScanner};
+use crate::wire::error_chain;
 
 type ByteStream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
 

@@ -8,10 +8,8 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use opentelemetry::propagation::{Injector, TextMapPropagator as _};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::ProxyError;
@@ -21,6 +19,7 @@ use super::{AppState, COST_HEADER, REQUEST_ID_HEADER};
 use crate::audit::usage::parse_json_response;
 use crate::audit::{CallEnd, CallStart, InFlight, Operation, ParsedRequest};
 use crate::client::RetryPolicy;
+use crate::wire::{error_chain, inject_trace_context};
 
 /// Headers that describe one hop, never forwarded (RFC 9110 §7.6.1), plus ones we set ourselves.
 const HOP_BY_HOP: [&str; 10] = [
@@ -132,10 +131,7 @@ pub async fn audited(
     let mut upstream_headers = forward_headers(&headers, &state);
     // Answers must be readable to be audited: ask for them uncompressed.
     upstream_headers.remove("accept-encoding");
-    TraceContextPropagator::new().inject_context(
-        &flight.span().context(),
-        &mut HeaderInjector(&mut upstream_headers),
-    );
+    inject_trace_context(&flight.span().context(), &mut upstream_headers);
     if !upstream_headers.contains_key("traceparent") {
         // Spans are not exported here: the client's trace still continues upstream.
         for name in ["traceparent", "tracestate"] {
@@ -521,31 +517,6 @@ pub fn unaudited_error(status: StatusCode, kind: &str, code: &str, message: Stri
         response.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
     response
-}
-
-/// An error and its sources: "error sending request: connection refused".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
-struct HeaderInjector<'a>(&'a mut HeaderMap);
-
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
-        }
-    }
 }
 
 #[cfg(test)]
