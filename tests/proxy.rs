@@ -1459,6 +1459,94 @@ async fn completions_embeddings_and_responses_are_audited() {
     );
 }
 
+/// Calls still running when the shutdown grace period ends are ended by the proxy and recorded
+/// (503) before the store closes: a stream that never finishes, and a request whose upstream
+/// never answers. Nothing is dropped.
+#[tokio::test]
+async fn calls_outliving_the_grace_period_are_recorded_not_dropped() {
+    let never = Arc::new(Notify::new());
+    let stalled = StreamScript::new(MODEL)
+        .role()
+        .content("Hel")
+        .wait_for(&never);
+    let up = FakeUpstream::start(vec![Reply::stream(stalled), Reply::hang()]).await;
+    let p = start(&up, |cfg, _| {
+        cfg.server.shutdown_grace.0 = Duration::from_millis(300)
+    })
+    .await;
+    let stream_body =
+        json!({"model": MODEL, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let mut stream = p
+        .post("/v1/chat/completions")
+        .body(stream_body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    assert!(
+        stream.chunk().await.unwrap().is_some(),
+        "the first chunk arrived"
+    );
+    let json_body = json!({"model": MODEL, "messages": [{"role": "user", "content": "slow"}]});
+    let pending = tokio::spawn(
+        p.post("/v1/chat/completions")
+            .body(json_body.to_string())
+            .send(),
+    );
+    let deadline = Instant::now() + DEADLINE;
+    while up.requests().len() < 2 {
+        assert!(Instant::now() < deadline, "both calls reach the upstream");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let metrics = p.stack.metrics.clone();
+    let rows = p.finish().await;
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    for row in &rows {
+        assert_eq!(
+            (row.status_code, row.outcome.as_str()),
+            (503, "error"),
+            "{row:?}"
+        );
+        assert_eq!(
+            row.error_message.as_deref(),
+            Some("the audit proxy shut down before the answer was complete")
+        );
+    }
+    let dropped: u64 = ["queue_full", "closed", "write_failed"]
+        .iter()
+        .map(|r| metrics.records_dropped.with_label_values(&[r]).get())
+        .sum();
+    assert_eq!(dropped, 0);
+    let answer = pending.await.unwrap().unwrap();
+    assert_eq!(answer.status(), 503);
+}
+
+/// The Responses API has no `stream_options.include_usage` (usage comes in
+/// `response.completed`): its streams go upstream exactly as sent, and back byte for byte.
+#[tokio::test]
+async fn responses_streams_are_not_given_include_usage() {
+    let events = include_str!("fixtures/openai_responses_stream.sse");
+    let up = FakeUpstream::start(vec![Reply::raw(200, "text/event-stream", events)]).await;
+    let p = start(&up, |_, _| {}).await;
+    let body = r#"{"model":"gpt-4.1","input":"Why did the logins fail?","stream":true}"#;
+    let resp = p.post("/v1/responses").body(body).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.bytes().await.unwrap(), events.as_bytes());
+    let sent = up.requests();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(
+        sent[0].body,
+        body.as_bytes(),
+        "the request went upstream unchanged"
+    );
+    let rows = p.finish().await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        (rows[0].outcome.as_str(), rows[0].usage_source.as_str()),
+        ("ok", "reported")
+    );
+}
+
 #[tokio::test]
 async fn other_v1_paths_are_forwarded_and_counted_without_a_record() {
     let models =

@@ -192,7 +192,9 @@ impl PriceTable {
 
     /// Whether `model` has its own price (used to cap unknown model labels).
     pub fn knows(&self, model: &str) -> bool {
-        self.lookup(model).is_some()
+        // Exact names only: `anything/gpt-4.1` is priced like gpt-4.1 but must not bypass the
+        // label cap, or a client could mint unbounded series.
+        self.models.contains_key(model)
     }
 
     /// Merges prices from a file: our TOML/JSON format, or LiteLLM's
@@ -326,6 +328,8 @@ mod tests {
         assert_eq!((c.picousd, c.status), (0, CostStatus::Unpriced));
         let c = t.cost("openai/gpt-4.1", None, &usage(1, 0, 0));
         assert_eq!(c.status, CostStatus::Priced);
+        // Priced like gpt-4.1, but not an exact name: it does not bypass the model label cap.
+        assert!(t.knows("gpt-4.1") && !t.knows("openai/gpt-4.1"));
     }
 
     #[test]

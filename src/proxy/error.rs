@@ -47,6 +47,9 @@ pub enum ProxyError {
         /// The configured limit.
         after: Duration,
     },
+    /// The proxy shut down (grace period over) before the answer was complete.
+    #[error("the audit proxy shut down before the answer was complete")]
+    ShuttingDown,
     /// The upstream could not be reached or broke the connection.
     #[error("upstream connection failed: {0}")]
     UpstreamTransport(String),
@@ -61,7 +64,9 @@ impl ProxyError {
             ProxyError::BodyRead(_) | ProxyError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
             ProxyError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ProxyError::Unauthorized { .. } => StatusCode::UNAUTHORIZED,
-            ProxyError::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ProxyError::StoreUnavailable | ProxyError::ShuttingDown => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ProxyError::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             ProxyError::UpstreamTransport(_) => StatusCode::BAD_GATEWAY,
         }
@@ -72,6 +77,7 @@ impl ProxyError {
         match self {
             ProxyError::Unauthorized { .. } => "authentication_error",
             ProxyError::StoreUnavailable
+            | ProxyError::ShuttingDown
             | ProxyError::UpstreamTimeout { .. }
             | ProxyError::UpstreamTransport(_) => "server_error",
             _ => "invalid_request_error",
@@ -88,6 +94,7 @@ impl ProxyError {
             ProxyError::InvalidRequest(e) => e.code(),
             ProxyError::Unauthorized { .. } => "invalid_api_key",
             ProxyError::StoreUnavailable => "audit_store_unavailable",
+            ProxyError::ShuttingDown => "shutting_down",
             ProxyError::UpstreamTimeout { .. } => "timeout",
             ProxyError::UpstreamTransport(_) => "upstream_unreachable",
         }

@@ -106,7 +106,11 @@ pub async fn audited(
         Ok(p) => p,
         Err(e) => return reject(&state, with_body(call, op, &state, &body), e.into()),
     };
-    let hide_usage = parsed.stream && !parsed.include_usage && op != Operation::Embeddings;
+    // Only chat and legacy completions stream usage as a final `"choices":[]` chunk; the
+    // Responses API reports it in `response.completed` and has no `include_usage` option.
+    let hide_usage = parsed.stream
+        && !parsed.include_usage
+        && matches!(op, Operation::Chat | Operation::TextCompletion);
     let stream = parsed.stream;
     let mut start = CallStart::from_request(parsed, state.provider.clone());
     start.user_id = key_user.or(start.user_id).or_else(|| header_user(&headers));
@@ -142,7 +146,12 @@ pub async fn audited(
     }
     flight.add_overhead(received.elapsed());
 
-    let response = match send(&state, &mut flight, &url, upstream_headers, wire_body).await {
+    let _in_flight = state.shutdown.tracker.token();
+    let sent = tokio::select! {
+        r = send(&state, &mut flight, &url, upstream_headers, wire_body) => r,
+        () = state.shutdown.abort.cancelled() => Err(ProxyError::ShuttingDown),
+    };
+    let response = match sent {
         Ok(r) => r,
         Err(err) => return fail(flight, err),
     };
@@ -163,13 +172,18 @@ pub async fn audited(
             Box::pin(response.bytes_stream()),
             hide_usage,
             state.idle_timeout,
+            &state.shutdown,
         );
         let mut resp = Response::new(Body::from_stream(tee));
         *resp.status_mut() = status;
         *resp.headers_mut() = out_headers;
         return resp;
     }
-    let bytes = match read_body(response, state.idle_timeout).await {
+    let read = tokio::select! {
+        r = read_body(response, state.idle_timeout) => r,
+        () = state.shutdown.abort.cancelled() => Err(ProxyError::ShuttingDown),
+    };
+    let bytes = match read {
         Ok(b) => b,
         Err(err) => return fail(flight, err),
     };
@@ -198,7 +212,7 @@ async fn read_body(mut response: reqwest::Response, idle: Duration) -> Result<By
         match tokio::time::timeout(idle, response.chunk()).await {
             Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
             Ok(Ok(None)) => return Ok(buf.freeze()),
-            Ok(Err(e)) => return Err(ProxyError::UpstreamTransport(error_chain(&e))),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamTransport(error_chain(&e.without_url()))),
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
                     which: "idle",
@@ -274,7 +288,7 @@ async fn send(
                     after: state.connect_timeout,
                 });
             }
-            Ok(Err(e)) => return Err(ProxyError::UpstreamTransport(error_chain(&e))),
+            Ok(Err(e)) => return Err(ProxyError::UpstreamTransport(error_chain(&e.without_url()))),
             Ok(Ok(r)) => r,
         };
         let code = response.status().as_u16();
@@ -390,11 +404,9 @@ fn forward_headers(incoming: &HeaderMap, state: &AppState) -> HeaderMap {
         }
         out.append(name.clone(), value.clone());
     }
-    if let Some(auth) = state.auth.upstream_authorization()
-        && let Ok(mut v) = HeaderValue::from_str(&auth)
-    {
-        v.set_sensitive(true);
-        out.insert(axum::http::header::AUTHORIZATION, v);
+    if let Some(auth) = state.auth.upstream_authorization() {
+        // Replaces (never keeps) the client's proxy key.
+        out.insert(axum::http::header::AUTHORIZATION, auth.clone());
     }
     out
 }
@@ -444,7 +456,7 @@ pub async fn passthrough(State(state): State<Arc<AppState>>, request: Request) -
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             state.recorder.count_passthrough(502);
-            return ProxyError::UpstreamTransport(error_chain(&e))
+            return ProxyError::UpstreamTransport(error_chain(&e.without_url()))
                 .into_response_with_id(&request_id);
         }
         Err(_) => {
@@ -462,10 +474,40 @@ pub async fn passthrough(State(state): State<Arc<AppState>>, request: Request) -
     if let Ok(v) = HeaderValue::from_str(&request_id) {
         headers.insert(REQUEST_ID_HEADER, v);
     }
-    let mut resp = Response::new(Body::from_stream(response.bytes_stream()));
+    let mut resp = Response::new(Body::from_stream(idle_limited(
+        response.bytes_stream(),
+        state.idle_timeout,
+    )));
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// `stream`, ended with an error once the upstream stays silent for `idle` (an unaudited
+/// answer must not hold a connection, and shutdown, forever).
+fn idle_limited(
+    stream: impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    idle: Duration,
+) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
+    use futures_util::StreamExt as _;
+    futures_util::stream::unfold(Some(Box::pin(stream)), move |state| async move {
+        let mut stream = state?;
+        match tokio::time::timeout(idle, stream.next()).await {
+            Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(stream))),
+            Ok(None) => None,
+            Ok(Some(Err(e))) => Some((
+                Err(std::io::Error::other(error_chain(&e.without_url()))),
+                None,
+            )),
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "upstream idle timeout",
+                )),
+                None,
+            )),
+        }
+    })
 }
 
 /// Liveness: the process answers.

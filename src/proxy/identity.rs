@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
+use axum::http::{HeaderMap, HeaderValue};
 use ipnet::IpNet;
 use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -28,8 +28,8 @@ pub enum Auth {
     Keys {
         /// SHA-256 hex of each accepted key → user id.
         users: HashMap<String, String>,
-        /// `Bearer …` sent upstream.
-        upstream_key: Secret,
+        /// `Authorization: Bearer …` sent upstream, built (and checked) once at start-up.
+        upstream_authorization: HeaderValue,
     },
 }
 
@@ -45,6 +45,9 @@ pub enum AuthConfigError {
     /// Keys mode without an upstream key.
     #[error("auth.mode = \"keys\" needs the upstream key: set auth.upstream_api_key_file or ${0}")]
     NoUpstreamKey(String),
+    /// The upstream key holds characters an HTTP header cannot carry.
+    #[error("the upstream API key contains characters not allowed in an HTTP header")]
+    BadUpstreamKey,
     /// The upstream key file cannot be read.
     #[error("cannot read auth.upstream_api_key_file {0}: {1}")]
     KeyFile(String, std::io::Error),
@@ -82,9 +85,13 @@ impl Auth {
                 .map_err(|e| AuthConfigError::KeyFile(path.display().to_string(), e))?,
             None => Secret::new(env(&var).ok_or(AuthConfigError::NoUpstreamKey(var))?),
         };
+        let key = upstream_key.expose().trim_start_matches('\u{feff}').trim();
+        let mut upstream_authorization = HeaderValue::from_str(&format!("Bearer {key}"))
+            .map_err(|_| AuthConfigError::BadUpstreamKey)?;
+        upstream_authorization.set_sensitive(true);
         Ok(Auth::Keys {
             users,
-            upstream_key,
+            upstream_authorization,
         })
     }
 
@@ -125,10 +132,13 @@ impl Auth {
     }
 
     /// The `Authorization` value to send upstream, if the proxy replaces the client's.
-    pub fn upstream_authorization(&self) -> Option<String> {
+    pub fn upstream_authorization(&self) -> Option<&HeaderValue> {
         match self {
             Auth::Passthrough => None,
-            Auth::Keys { upstream_key, .. } => Some(format!("Bearer {}", upstream_key.expose())),
+            Auth::Keys {
+                upstream_authorization,
+                ..
+            } => Some(upstream_authorization),
         }
     }
 }
@@ -201,6 +211,32 @@ impl Extractor for HeaderExtractor<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::ManagedKey;
+
+    #[test]
+    fn keys_mode_builds_the_upstream_header_once_and_tolerates_a_bom() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key");
+        std::fs::write(&file, "\u{feff}sk-upstream-123\n").unwrap();
+        let cfg = AuthConfig {
+            mode: AuthMode::Keys,
+            upstream_api_key_file: Some(file),
+            upstream_api_key_env: None,
+            keys: vec![ManagedKey {
+                sha256: hex::encode(Sha256::digest(b"client-key")),
+                user: "alice".into(),
+            }],
+        };
+        let auth = Auth::from_config(&cfg, |_| None).unwrap();
+        let header = auth.upstream_authorization().unwrap();
+        assert_eq!(header.to_str().unwrap(), "Bearer sk-upstream-123");
+        assert!(header.is_sensitive());
+        std::fs::write(cfg.upstream_api_key_file.as_ref().unwrap(), "bad\u{1}key").unwrap();
+        assert!(matches!(
+            Auth::from_config(&cfg, |_| None),
+            Err(AuthConfigError::BadUpstreamKey)
+        ));
+    }
 
     #[test]
     fn forwarded_for_only_from_trusted_peers() {

@@ -56,6 +56,16 @@ pub struct AppState {
     first_byte_timeout: Duration,
     idle_timeout: Duration,
     retries: u32,
+    shutdown: ShutdownGuard,
+}
+
+/// What lets shutdown finish every call's record before the store closes.
+#[derive(Clone, Debug, Default)]
+pub struct ShutdownGuard {
+    /// Cancelled when the grace period is over: calls still running end now (503, recorded).
+    pub abort: CancellationToken,
+    /// Counts calls in flight (handlers and streams), so shutdown can wait for their records.
+    pub tracker: tokio_util::task::TaskTracker,
 }
 
 /// A configuration the proxy cannot start with.
@@ -126,6 +136,7 @@ impl AppState {
             first_byte_timeout: cfg.upstream.first_byte_timeout.0,
             idle_timeout: cfg.upstream.idle_timeout.0,
             retries: cfg.upstream.retries,
+            shutdown: ShutdownGuard::default(),
         })
     }
 }
@@ -171,6 +182,7 @@ pub struct Running {
     proxy: JoinHandle<()>,
     metrics: JoinHandle<()>,
     grace: Duration,
+    in_flight: ShutdownGuard,
 }
 
 /// Binds both listeners and serves until [`Running::shutdown`].
@@ -195,6 +207,7 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
     let cancel = CancellationToken::new();
     let metrics = state.recorder.metrics().clone();
     metrics.init_front_door_series(&state.provider);
+    let in_flight = state.shutdown.clone();
 
     let app = router(Arc::new(state));
     // axum leaves TCP_NODELAY off; small SSE chunks would then wait for ACKs (STACK.md: c=1
@@ -242,6 +255,7 @@ pub async fn start(cfg: &Config, state: AppState) -> Result<Running, StartError>
         proxy,
         metrics,
         grace: cfg.server.shutdown_grace.0,
+        in_flight,
     })
 }
 
@@ -253,8 +267,13 @@ impl Running {
         self.cancel.cancel();
         let finished = tokio::time::timeout(self.grace, self.proxy).await.is_ok();
         if !finished {
-            tracing::warn!(grace = ?self.grace, "In-flight calls outlived the shutdown grace period.");
+            tracing::warn!(grace = ?self.grace, "In-flight calls outlived the shutdown grace period; ending them.");
         }
+        // Calls still running end now and write their records (503), before the caller closes
+        // the store; waiting is bounded in case a connection task is stuck elsewhere.
+        self.in_flight.abort.cancel();
+        self.in_flight.tracker.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.in_flight.tracker.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.metrics).await;
         finished
     }

@@ -13,6 +13,8 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
+use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::error::ProxyError;
 use crate::audit::{CallEnd, InFlight, SseScanner};
@@ -27,7 +29,13 @@ pub struct TeeBody {
     held: BytesMut,
     idle: Duration,
     idle_timer: Pin<Box<Sleep>>,
+    returned_item: bool,
     done: bool,
+    /// Fires when shutdown's grace period is over: the stream ends and is recorded now, while
+    /// the store still takes records.
+    abort: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Keeps shutdown waiting until this stream's record is written.
+    _in_flight: TaskTrackerToken,
 }
 
 /// Writes the record exactly once: explicitly at the end of the stream, or from `Drop` when
@@ -62,6 +70,7 @@ impl TeeBody {
         upstream: Upstream,
         hide_usage: bool,
         idle: Duration,
+        shutdown: &super::ShutdownGuard,
     ) -> Self {
         Self {
             upstream,
@@ -74,7 +83,10 @@ impl TeeBody {
             held: BytesMut::new(),
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
+            returned_item: false,
             done: false,
+            abort: Box::pin(shutdown.abort.clone().cancelled_owned()),
+            _in_flight: shutdown.tracker.token(),
         }
     }
 
@@ -110,15 +122,29 @@ impl Stream for TeeBody {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        if this.returned_item {
+            // The idle timeout measures the upstream's silence, not a client slow to read:
+            // restart it when the client comes back for more.
+            this.returned_item = false;
+            this.idle_timer.as_mut().reset(Instant::now() + this.idle);
+        }
         loop {
             if this.done {
                 return Poll::Ready(None);
+            }
+            if this.abort.as_mut().poll(cx).is_ready() {
+                this.done = true;
+                let err = ProxyError::ShuttingDown;
+                this.guard
+                    .finish(|s| CallEnd::error(503, err.code(), err.to_string()).with_response(s));
+                return Poll::Ready(Some(Err(std::io::Error::other("audit proxy shut down"))));
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
                     this.idle_timer.as_mut().reset(Instant::now() + this.idle);
                     let out = this.on_chunk(chunk);
                     if !out.is_empty() {
+                        this.returned_item = true;
                         return Poll::Ready(Some(Ok(out)));
                     }
                 }
@@ -133,7 +159,13 @@ impl Stream for TeeBody {
                 Poll::Ready(None) => {
                     this.done = true;
                     this.end_ok();
+                    // A last event without its blank line is still filtered.
                     let rest = std::mem::take(&mut this.held).freeze();
+                    let rest = if this.hide_usage {
+                        without_usage_only_events(rest)
+                    } else {
+                        rest
+                    };
                     return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                 }
                 Poll::Pending => {
@@ -250,6 +282,8 @@ mod tests {
             without_usage_only_events(all),
             Bytes::from(format!("{a}{d}"))
         );
+        let unterminated = Bytes::from(format!("{a}{}", u.trim_end()));
+        assert_eq!(without_usage_only_events(unterminated), Bytes::from(a));
         let partial = format!("{a}data: {{\"cho");
         assert_eq!(complete_events_len(partial.as_bytes()), a.len());
     }

@@ -250,16 +250,23 @@ impl Store {
     }
 
     fn count_drop(&self, reason: Dropped, record: &AuditRecord) -> Dropped {
-        self.shared
+        let counter = self
+            .shared
             .metrics
             .records_dropped
-            .with_label_values(&[reason.reason()])
-            .inc();
-        tracing::error!(
-            reason = reason.reason(),
-            request_id = %record.request_id,
-            "Audit record dropped."
-        );
+            .with_label_values(&[reason.reason()]);
+        counter.inc();
+        // Every drop is counted; the log line is rate-limited (1st, 2nd, 4th, 8th, … drop of a
+        // reason) so a failing store does not also make every request write to stderr.
+        let n = counter.get();
+        if n.is_power_of_two() {
+            tracing::error!(
+                reason = reason.reason(),
+                request_id = %record.request_id,
+                dropped_so_far = n,
+                "Audit record dropped."
+            );
+        }
         reason
     }
 

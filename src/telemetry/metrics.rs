@@ -62,6 +62,9 @@ pub mod names {
     pub const GENAI_DURATION: &str = "gen_ai_client_operation_duration_seconds";
 }
 
+/// Longest label value kept as is.
+pub const MAX_LABEL_VALUE_BYTES: usize = 128;
+
 /// Label value that absorbs everything past a cap.
 pub const OTHER: &str = "__other__";
 
@@ -125,6 +128,12 @@ pub struct LabelCap {
 impl LabelCap {
     /// `value` itself while fewer than `max` distinct values were seen, else `__other__`.
     pub fn apply<'a>(&self, value: &'a str) -> Cow<'a, str> {
+        // A label value is an identifier, not a payload: anything longer folds away so a client
+        // cannot inflate every family with megabyte-long "model" or "user" values.
+        if value.len() > MAX_LABEL_VALUE_BYTES {
+            self.overflow.inc();
+            return Cow::Borrowed(OTHER);
+        }
         let seen = self.seen.read().unwrap_or_else(|p| p.into_inner());
         if seen.contains(value) {
             return Cow::Borrowed(value);
