@@ -190,53 +190,40 @@ impl Stream for TeeBody {
     }
 }
 
-/// Length of the prefix of `buf` made of complete SSE events (each ends with a blank line).
-fn complete_events_len(buf: &[u8]) -> usize {
-    let mut end = 0;
+/// End offsets of the complete SSE events in `buf` (each ends with a blank line).
+fn event_ends(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
     let mut line_start = 0;
-    for (i, b) in buf.iter().enumerate() {
-        if *b == b'\n' {
-            let line = &buf[line_start..i];
-            if line.is_empty() || line == b"\r" {
-                end = i + 1;
-            }
-            line_start = i + 1;
+    buf.iter().enumerate().filter_map(move |(i, b)| {
+        if *b != b'\n' {
+            return None;
         }
-    }
-    end
+        let line = &buf[line_start..i];
+        line_start = i + 1;
+        (line.is_empty() || line == b"\r").then_some(i + 1)
+    })
 }
 
-/// `events` (complete SSE events) without the usage-only chunk (`"choices":[]` with usage).
+/// Length of the prefix of `buf` made of complete SSE events.
+fn complete_events_len(buf: &[u8]) -> usize {
+    event_ends(buf).last().unwrap_or(0)
+}
+
+/// `events` without the usage-only chunk (`"choices":[]` with usage); a trailing event without
+/// its blank line counts as one more event.
 fn without_usage_only_events(events: Bytes) -> Bytes {
     if events.is_empty() || !contains(&events, b"\"usage\"") {
         return events;
     }
     let mut out = BytesMut::with_capacity(events.len());
     let mut start = 0;
-    while start < events.len() {
-        let len = complete_events_len_first(&events[start..]);
-        let event = &events[start..start + len];
+    for end in event_ends(&events).chain(std::iter::once(events.len())) {
+        let event = &events[start..end];
         if !is_usage_only(event) {
             out.extend_from_slice(event);
         }
-        start += len;
+        start = end;
     }
     out.freeze()
-}
-
-/// Length of the first complete event in `buf` (or all of it).
-fn complete_events_len_first(buf: &[u8]) -> usize {
-    let mut line_start = 0;
-    for (i, b) in buf.iter().enumerate() {
-        if *b == b'\n' {
-            let line = &buf[line_start..i];
-            if (line.is_empty() || line == b"\r") && i > 0 {
-                return i + 1;
-            }
-            line_start = i + 1;
-        }
-    }
-    buf.len()
 }
 
 fn is_usage_only(event: &[u8]) -> bool {

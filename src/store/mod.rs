@@ -239,6 +239,8 @@ impl Store {
                     TrySendError::Full(_) => Dropped::QueueFull,
                     TrySendError::Disconnected(_) => Dropped::Closed,
                 };
+                // Release the envelope's reference so the record is taken back, not copied.
+                drop(e);
                 // The record never took its link: hand it back without one.
                 let mut record = Arc::unwrap_or_clone(record);
                 record.prev_hash.clear();
