@@ -21,6 +21,8 @@ pub enum Command {
     Serve(ServeArgs),
     /// Run the proxy against a built-in simulated upstream with generated traffic (no key, no network).
     Demo(DemoArgs),
+    /// Print the Prometheus alert rules rendered from the [thresholds] configuration.
+    Rules(RulesArgs),
 }
 
 /// `llm-audit serve`.
@@ -64,4 +66,15 @@ pub struct DemoArgs {
     /// Audit database (default ./llm-audit.db).
     #[arg(long, env = "LLM_AUDIT_DB")]
     pub db: Option<PathBuf>,
+}
+
+/// `llm-audit rules`.
+#[derive(Debug, Args)]
+pub struct RulesArgs {
+    /// TOML configuration file whose [thresholds] the rules use (defaults otherwise).
+    #[arg(long, env = "LLM_AUDIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Base URL of the runbook the alerts link to (`#<alert name>` is appended).
+    #[arg(long, env = "LLM_AUDIT_RUNBOOK_URL", default_value = crate::rules::DEFAULT_RUNBOOK_URL)]
+    pub runbook_url: String,
 }

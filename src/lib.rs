@@ -23,6 +23,7 @@ pub mod client;
 pub mod config;
 pub mod demo;
 pub mod proxy;
+pub mod rules;
 pub mod serve;
 pub mod store;
 pub mod telemetry;

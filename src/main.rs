@@ -16,6 +16,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => llm_audit::serve::run(args),
         Command::Demo(args) => llm_audit::demo::run(args),
+        Command::Rules(args) => llm_audit::rules::run(args),
     };
     match result {
         Ok(code) => code,

@@ -52,6 +52,10 @@ pub mod names {
     pub const SPAN_EXPORT_ERRORS: &str = "llm_audit_span_export_errors_total";
     /// Build information.
     pub const BUILD_INFO: &str = "llm_audit_build_info";
+    /// gauge, no labels: the conventional process start time. The alert rules use it to tell
+    /// a young process (every counter value is recent) from a Prometheus that just started
+    /// scraping an old one.
+    pub const PROCESS_START: &str = "process_start_time_seconds";
     /// Requests forwarded without an audit record.
     pub const PASSTHROUGH: &str = "llm_audit_passthrough_requests_total";
     /// Label values folded into `__other__`.
@@ -486,6 +490,16 @@ impl Metrics {
         )?;
         metrics.registry.register(Box::new(build.clone()))?;
         build.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let start = prometheus::Gauge::new(
+            PROCESS_START,
+            "Start time of the process since unix epoch in seconds.",
+        )?;
+        metrics.registry.register(Box::new(start.clone()))?;
+        start.set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         metrics.init_known_series();
         Ok(metrics)
     }
