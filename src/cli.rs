@@ -23,6 +23,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Print the Prometheus alert rules rendered from the [thresholds] configuration.
     Rules(RulesArgs),
+    /// Statistics and security checks of the audit log over a period (the seed's report).
+    Report(ReportArgs),
 }
 
 /// `llm-audit serve`.
@@ -77,4 +79,39 @@ pub struct RulesArgs {
     /// Base URL of the runbook the alerts link to (`#<alert name>` is appended).
     #[arg(long, env = "LLM_AUDIT_RUNBOOK_URL", default_value = crate::rules::DEFAULT_RUNBOOK_URL)]
     pub runbook_url: String,
+}
+
+/// Output format of `llm-audit report`.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum ReportFormat {
+    /// Aligned terminal report (colour only on a TTY; NO_COLOR respected).
+    #[default]
+    Text,
+    /// Stable JSON (documented in docs/report.md).
+    Json,
+    /// Markdown for a ticket or a wiki.
+    Markdown,
+}
+
+/// `llm-audit report`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Audit database (default: [store] path of the configuration, ./llm-audit.db).
+    #[arg(long, env = "LLM_AUDIT_DB")]
+    pub db: Option<PathBuf>,
+    /// TOML configuration whose [thresholds] the checks use (defaults otherwise).
+    #[arg(long, env = "LLM_AUDIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The last N hours (default 24, like the seed's daily report).
+    #[arg(long, env = "LLM_AUDIT_HOURS", conflicts_with = "since")]
+    pub hours: Option<f64>,
+    /// Start of the period: 2026-11-26T10:00:00Z, 2026-11-26, or a duration ago such as 7d.
+    #[arg(long, env = "LLM_AUDIT_SINCE")]
+    pub since: Option<String>,
+    /// End of the period (exclusive; default now).
+    #[arg(long, env = "LLM_AUDIT_UNTIL", requires = "since")]
+    pub until: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
+    pub format: ReportFormat,
 }

@@ -17,6 +17,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => llm_audit::serve::run(args),
         Command::Demo(args) => llm_audit::demo::run(args),
         Command::Rules(args) => llm_audit::rules::run(args),
+        Command::Report(args) => llm_audit::report::run(args),
     };
     match result {
         Ok(code) => code,
