@@ -25,6 +25,12 @@ pub enum Command {
     Rules(RulesArgs),
     /// Statistics and security checks of the audit log over a period (the seed's report).
     Report(ReportArgs),
+    /// Walk the audit log's hash chain: exit 0 intact, 1 tampered, 2 could not check.
+    Verify(VerifyArgs),
+    /// Stream audit records as JSON lines or CSV, for a SIEM or a spreadsheet.
+    Export(ExportArgs),
+    /// Delete old records, keeping the rest of the chain verifiable from a checkpoint.
+    Prune(PruneArgs),
 }
 
 /// `llm-audit serve`.
@@ -114,4 +120,59 @@ pub struct ReportArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = ReportFormat::Text)]
     pub format: ReportFormat,
+}
+
+/// `llm-audit verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// Audit database.
+    #[arg(long, env = "LLM_AUDIT_DB", default_value = "llm-audit.db")]
+    pub db: PathBuf,
+    /// The chain key the log was written with (`store.chain_key_file`), if any.
+    #[arg(long, env = "LLM_AUDIT_CHAIN_KEY_FILE")]
+    pub chain_key_file: Option<PathBuf>,
+}
+
+/// Output format of `llm-audit export`.
+#[derive(Clone, Copy, Debug, Default, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// One JSON object per row and line, every column.
+    #[default]
+    Jsonl,
+    /// RFC 4180 CSV with a header row.
+    Csv,
+}
+
+/// `llm-audit export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Audit database.
+    #[arg(long, env = "LLM_AUDIT_DB", default_value = "llm-audit.db")]
+    pub db: PathBuf,
+    /// Only rows at or after this time: 2026-11-26T10:00:00Z, 2026-11-26, or a duration ago (24h).
+    #[arg(long, env = "LLM_AUDIT_SINCE")]
+    pub since: Option<String>,
+    /// Only rows before this time.
+    #[arg(long, env = "LLM_AUDIT_UNTIL")]
+    pub until: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Jsonl)]
+    pub format: ExportFormat,
+}
+
+/// `llm-audit prune`.
+#[derive(Debug, Args)]
+pub struct PruneArgs {
+    /// Audit database.
+    #[arg(long, env = "LLM_AUDIT_DB", default_value = "llm-audit.db")]
+    pub db: PathBuf,
+    /// Delete rows older than this, e.g. 90d.
+    #[arg(long, env = "LLM_AUDIT_OLDER_THAN")]
+    pub older_than: crate::config::HumanDuration,
+    /// The chain key the log was written with, if any (the chain is verified before pruning).
+    #[arg(long, env = "LLM_AUDIT_CHAIN_KEY_FILE")]
+    pub chain_key_file: Option<PathBuf>,
+    /// Show what would be deleted, delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }

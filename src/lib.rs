@@ -22,6 +22,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod demo;
+pub mod logtools;
 pub mod period;
 pub mod proxy;
 pub mod report;

@@ -18,6 +18,9 @@ fn main() -> ExitCode {
         Command::Demo(args) => llm_audit::demo::run(args),
         Command::Rules(args) => llm_audit::rules::run(args),
         Command::Report(args) => llm_audit::report::run(args),
+        Command::Verify(args) => llm_audit::logtools::verify(args),
+        Command::Export(args) => llm_audit::logtools::export(args),
+        Command::Prune(args) => llm_audit::logtools::prune(args),
     };
     match result {
         Ok(code) => code,

@@ -402,38 +402,21 @@ impl<'c> Queries<'c> {
         Ok(s)
     }
 
-    /// Nearest-rank percentiles from one sorted pass (SQLite's sorter spills to disk, so memory
-    /// stays flat however many rows the period has).
+    /// Nearest-rank percentiles, exact, by radix selection over the latencies' bit patterns:
+    /// a few sequential scans with 65,536 counters each instead of sorting every row, so time
+    /// stays linear and memory flat however many rows the period has.
     fn percentiles(&self) -> rusqlite::Result<Percentiles> {
-        let p = params![self.period.since, self.period.until];
-        let n: i64 = self.conn.query_row(
-            &format!(
-                "SELECT COUNT(*) FROM audit_logs WHERE {IN_PERIOD} AND latency_ms IS NOT NULL"
-            ),
-            p,
-            |r| r.get(0),
-        )?;
-        if n == 0 {
-            return Ok(Percentiles::default());
-        }
-        // Nearest rank: the smallest value with at least q·n values at or below it.
-        let rank = |q: f64| ((q * n as f64).ceil() as i64).clamp(1, n);
-        let ranks = [rank(0.50), rank(0.95), rank(0.99)];
-        let mut found = [None; 3];
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT latency_ms FROM audit_logs WHERE {IN_PERIOD} AND latency_ms IS NOT NULL \
-             ORDER BY latency_ms LIMIT ?3"
+            "SELECT latency_ms FROM audit_logs WHERE {IN_PERIOD} AND latency_ms IS NOT NULL"
         ))?;
-        let mut rows = stmt.query(params![self.period.since, self.period.until, ranks[2]])?;
-        let mut i = 0i64;
-        while let Some(row) = rows.next()? {
-            i += 1;
-            for (slot, r) in found.iter_mut().zip(ranks) {
-                if i == r {
-                    *slot = Some(row.get::<_, f64>(0)?);
-                }
+        let mut scan = |f: &mut dyn FnMut(f64)| -> rusqlite::Result<()> {
+            let mut rows = stmt.query(params![self.period.since, self.period.until])?;
+            while let Some(row) = rows.next()? {
+                f(row.get(0)?);
             }
-        }
+            Ok(())
+        };
+        let found = select_quantiles(&mut scan, &[0.50, 0.95, 0.99])?;
         Ok(Percentiles {
             p50: found[0],
             p95: found[1],
@@ -513,9 +496,11 @@ impl<'c> Queries<'c> {
 
         // 4. Users whose largest request exceeds the token limit.
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT user_id, MAX(total_tokens) AS m, COUNT(*) FROM audit_logs \
-             WHERE {IN_PERIOD} AND user_id IS NOT NULL GROUP BY user_id HAVING m > ?3 \
-             ORDER BY m DESC, user_id"
+            // Filtering rows before grouping finds the same users as the seed's
+            // `HAVING MAX(total_tokens) > ?` without grouping every row.
+            "SELECT user_id, MAX(total_tokens) AS m FROM audit_logs \
+             WHERE {IN_PERIOD} AND user_id IS NOT NULL AND total_tokens > ?3 \
+             GROUP BY user_id ORDER BY m DESC, user_id"
         ))?;
         let users = stmt.query_map(
             params![
@@ -541,27 +526,29 @@ impl<'c> Queries<'c> {
 
         // 5. Repeated prompts: each hash seen more than the threshold, and the share of
         //    requests that repeat an earlier one.
-        let repeated: Vec<HashCount> = self
-            .conn
-            .prepare(&format!(
-                "SELECT request_hash, COUNT(*) AS n FROM audit_logs \
-                 WHERE {IN_PERIOD} AND request_hash IS NOT NULL AND request_hash != '' \
-                 GROUP BY request_hash HAVING n > ?3 ORDER BY n DESC, request_hash LIMIT {MAX_REPEATED_HASHES}"
-            ))?
-            .query_map(
-                params![
-                    self.period.since,
-                    self.period.until,
-                    t.repeated_request_count as i64
-                ],
-                |r| {
-                    Ok(HashCount {
-                        request_hash: r.get(0)?,
-                        count: r.get::<_, i64>(1)? as u64,
-                    })
-                },
-            )?
-            .collect::<rusqlite::Result<_>>()?;
+        // One grouping pass gives both the most repeated hashes and, through the window
+        // totals over all groups, how many requests repeated an earlier one.
+        let mut repeated: Vec<HashCount> = Vec::new();
+        let (mut hashed, mut distinct) = (0i64, 0i64);
+        let mut stmt = self.conn.prepare(&format!(
+            "WITH g AS (SELECT request_hash, COUNT(*) AS n FROM audit_logs \
+             WHERE {IN_PERIOD} AND request_hash IS NOT NULL AND request_hash != '' \
+             GROUP BY request_hash) \
+             SELECT request_hash, n, SUM(n) OVER (), COUNT(*) OVER () FROM g \
+             ORDER BY n DESC, request_hash LIMIT {MAX_REPEATED_HASHES}"
+        ))?;
+        let mut rows = stmt.query(p)?;
+        while let Some(r) = rows.next()? {
+            hashed = r.get(2)?;
+            distinct = r.get(3)?;
+            let count = r.get::<_, i64>(1)? as u64;
+            if count > t.repeated_request_count {
+                repeated.push(HashCount {
+                    request_hash: r.get(0)?,
+                    count,
+                });
+            }
+        }
         for h in &repeated {
             out.push(Finding::new(
                 rules::REPEATED_REQUESTS,
@@ -574,14 +561,6 @@ impl<'c> Queries<'c> {
                 ),
             ));
         }
-        let (hashed, distinct): (i64, i64) = self.conn.query_row(
-            &format!(
-                "SELECT COUNT(*), COUNT(DISTINCT request_hash) FROM audit_logs \
-                 WHERE {IN_PERIOD} AND request_hash IS NOT NULL AND request_hash != ''"
-            ),
-            p,
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )?;
         if s.total_requests > t.min_requests_for_failure_ratio {
             let ratio = (hashed - distinct) as f64 / s.total_requests as f64;
             if ratio > t.duplicate_request_ratio {
@@ -638,6 +617,93 @@ impl<'c> Queries<'c> {
         }
         Ok((out, repeated))
     }
+}
+
+/// Feeds every value of a column to the callback, once per call.
+pub type Scan<'a> = dyn FnMut(&mut dyn FnMut(f64)) -> rusqlite::Result<()> + 'a;
+
+/// A total order on f64 as u64 (negative values below positive ones).
+fn order_key(v: f64) -> u64 {
+    let b = v.to_bits();
+    if b >> 63 == 1 { !b } else { b | 1 << 63 }
+}
+
+/// The nearest-rank quantiles `qs` of the values `scan` yields (each call must yield the same
+/// values), exactly, with a radix selection: each pass counts 16 more bits of the values' order
+/// keys under the prefixes chosen so far; a bucket small enough is then collected and sorted.
+/// Memory: 65,536 counters per quantile plus at most [`COLLECT_AT_MOST`] values.
+pub fn select_quantiles(scan: &mut Scan<'_>, qs: &[f64]) -> rusqlite::Result<Vec<Option<f64>>> {
+    const COLLECT_AT_MOST: u64 = 65_536;
+    let mut n = 0u64;
+    scan(&mut |_| n += 1)?;
+    if n == 0 {
+        return Ok(vec![None; qs.len()]);
+    }
+    // Per quantile: the key prefix chosen so far, its bit length, and the rank within it.
+    struct Target {
+        prefix: u64,
+        bits: u32,
+        rank: u64,
+        in_bucket: u64,
+    }
+    let mut targets: Vec<Target> = qs
+        .iter()
+        .map(|q| Target {
+            prefix: 0,
+            bits: 0,
+            rank: ((q * n as f64).ceil() as u64).clamp(1, n),
+            in_bucket: n,
+        })
+        .collect();
+    let matches = |t: &Target, key: u64| t.bits == 0 || key >> (64 - t.bits) == t.prefix;
+    while targets
+        .iter()
+        .any(|t| t.in_bucket > COLLECT_AT_MOST && t.bits < 64)
+    {
+        let mut counts = vec![vec![0u64; 1 << 16]; targets.len()];
+        scan(&mut |v| {
+            let key = order_key(v);
+            for (t, c) in targets.iter().zip(counts.iter_mut()) {
+                if t.in_bucket > COLLECT_AT_MOST && t.bits < 64 && matches(t, key) {
+                    c[((key << t.bits) >> 48) as usize] += 1;
+                }
+            }
+        })?;
+        for (t, c) in targets.iter_mut().zip(&counts) {
+            if !(t.in_bucket > COLLECT_AT_MOST && t.bits < 64) {
+                continue;
+            }
+            let mut below = 0u64;
+            for (digit, &count) in c.iter().enumerate() {
+                if below + count >= t.rank {
+                    t.prefix = (t.prefix << 16) | digit as u64;
+                    t.bits += 16;
+                    t.rank -= below;
+                    t.in_bucket = count;
+                    break;
+                }
+                below += count;
+            }
+        }
+    }
+    // Every bucket is now small (or a single key): collect and pick.
+    let mut buckets: Vec<Vec<f64>> = vec![Vec::new(); targets.len()];
+    scan(&mut |v| {
+        let key = order_key(v);
+        for (t, b) in targets.iter().zip(buckets.iter_mut()) {
+            if matches(t, key) {
+                b.push(v);
+            }
+        }
+    })?;
+    Ok(targets
+        .iter()
+        .zip(buckets.iter_mut())
+        .map(|(t, b)| {
+            b.sort_by(f64::total_cmp);
+            b.get(t.rank as usize - 1).copied()
+        })
+        .collect())
 }
 
 /// Picodollars from the two 32-bit halves summed by SQLite.
@@ -703,4 +769,45 @@ pub fn run(args: crate::cli::ReportArgs) -> anyhow::Result<std::process::ExitCod
     out.write_all(text.as_bytes())?;
     out.flush()?;
     Ok(std::process::ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn quantiles(values: &[f64], qs: &[f64]) -> Vec<Option<f64>> {
+        let mut scan = |f: &mut dyn FnMut(f64)| -> rusqlite::Result<()> {
+            values.iter().copied().for_each(f);
+            Ok(())
+        };
+        select_quantiles(&mut scan, qs).unwrap_or_default()
+    }
+
+    fn nearest_rank(values: &[f64], q: f64) -> Option<f64> {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+        v.get(rank - 1).copied()
+    }
+
+    #[test]
+    fn radix_selection_is_exact() {
+        let mut rng = fastrand::Rng::with_seed(3);
+        let shapes: Vec<Vec<f64>> = vec![
+            (0..300_000).map(|_| rng.f64() * 2_000.0).collect(),
+            vec![42.0; 200_000],
+            (0..200_000)
+                .map(|i| if i % 2 == 0 { 1.5 } else { 1.5 + f64::EPSILON })
+                .collect(),
+            (0..100_000).map(|i| -(i as f64)).collect(),
+            vec![7.0],
+            (0..10).map(f64::from).collect(),
+        ];
+        for values in shapes {
+            let qs = [0.5, 0.95, 0.99];
+            let want: Vec<Option<f64>> = qs.iter().map(|&q| nearest_rank(&values, q)).collect();
+            assert_eq!(quantiles(&values, &qs), want);
+        }
+        assert_eq!(quantiles(&[], &[0.5]), vec![None]);
+    }
 }

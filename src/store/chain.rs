@@ -116,6 +116,8 @@ pub struct ChainBreak {
     pub request_id: String,
     /// What does not match.
     pub kind: BreakKind,
+    /// What was most likely done to the log, and where.
+    pub tamper: Tamper,
 }
 
 /// How a row fails the chain.
@@ -128,6 +130,97 @@ pub enum BreakKind {
     HashMismatch,
     /// The row cannot even be read back as a record.
     Unreadable,
+    /// Rows are missing after the last one (the highest id ever assigned is beyond it).
+    TailMissing,
+}
+
+/// The likely tampering behind a break, worked out from where the broken link points.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Tamper {
+    /// The row's contents were changed (or the chain key is not the one it was written with).
+    Altered {
+        /// `id` of the changed row.
+        row_id: i64,
+    },
+    /// Rows were deleted.
+    Deleted {
+        /// First missing `id`.
+        first_id: i64,
+        /// Last missing `id`.
+        last_id: i64,
+    },
+    /// A row that the chain does not pass through was inserted.
+    Inserted {
+        /// `id` of the first inserted row.
+        row_id: i64,
+    },
+    /// Rows were moved: this row links to one that comes after it.
+    Reordered {
+        /// The row whose hash this row names as its predecessor.
+        links_to: i64,
+    },
+    /// The row does not read back as a record (a field holds an impossible value).
+    Unreadable,
+}
+
+impl std::fmt::Display for Tamper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Altered { row_id } => write!(
+                f,
+                "altered: row {row_id}'s contents do not match the chain (or the chain key is wrong)"
+            ),
+            Self::Deleted { first_id, last_id } if first_id == last_id => {
+                write!(f, "deleted: row {first_id} is missing")
+            }
+            Self::Deleted { first_id, last_id } => {
+                write!(f, "deleted: rows {first_id} to {last_id} are missing")
+            }
+            Self::Inserted { row_id } => {
+                write!(f, "inserted: row {row_id} is not part of the chain")
+            }
+            Self::Reordered { links_to } => write!(
+                f,
+                "reordered: the row links to row {links_to}, which comes after it"
+            ),
+            Self::Unreadable => write!(f, "unreadable: a field holds a value no record can have"),
+        }
+    }
+}
+
+/// Where verification starts: after `after_id`, from `anchor` (GENESIS for a log that was
+/// never pruned; the `record_hash` of the last pruned row otherwise).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Rows with `id` at or below this are not checked (pruned, or predating the chain).
+    pub after_id: i64,
+    /// The `prev_hash` the first remaining row must carry.
+    pub anchor: String,
+    /// When the log was last pruned, if ever.
+    pub pruned_at: Option<String>,
+}
+
+impl Checkpoint {
+    /// Reads the checkpoint from the log's meta table.
+    pub fn read(conn: &Connection) -> rusqlite::Result<Self> {
+        let has_meta: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'llm_audit_meta'",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_meta {
+            return Ok(Self {
+                after_id: 0,
+                anchor: GENESIS.to_owned(),
+                pruned_at: None,
+            });
+        }
+        Ok(Self {
+            after_id: schema::chain_start_after(conn)?,
+            anchor: schema::meta(conn, schema::CHAIN_ANCHOR)?.unwrap_or_else(|| GENESIS.to_owned()),
+            pruned_at: schema::meta(conn, schema::PRUNED_AT)?,
+        })
+    }
 }
 
 /// Result of walking the chain.
@@ -135,77 +228,182 @@ pub enum BreakKind {
 pub struct ChainReport {
     /// Rows checked.
     pub rows: u64,
-    /// Rows with `id` at or below this predate the chain (an upgraded seed database).
+    /// Rows with `id` at or below this predate the chain (an upgraded seed database, or
+    /// pruned rows).
     pub chain_start_after: i64,
     /// The first break, if any.
     pub first_break: Option<ChainBreak>,
 }
 
-/// The `record_hash` of the last row, or [`GENESIS`] for an empty log.
+/// The `record_hash` of the last row, or the checkpoint's anchor (GENESIS for a new log).
 pub fn last_hash(conn: &Connection) -> rusqlite::Result<String> {
-    let start = schema::chain_start_after(conn)?;
+    let cp = Checkpoint::read(conn)?;
     let last: Option<String> = conn
         .query_row(
             "SELECT record_hash FROM audit_logs WHERE id > ?1 ORDER BY id DESC LIMIT 1",
-            [start],
+            [cp.after_id],
             |row| row.get(0),
         )
         .optional()?;
-    Ok(last.unwrap_or_else(|| GENESIS.to_owned()))
+    Ok(last.unwrap_or(cp.anchor))
 }
 
 /// Walks every row in `id` order and reports the first break.
 pub fn verify(conn: &Connection, key: Option<&Secret>) -> rusqlite::Result<ChainReport> {
-    let start = schema::chain_start_after(conn)?;
+    verify_with_progress(conn, key, |_| {})
+}
+
+/// [`verify`], calling `progress` with the number of rows checked every few thousand rows.
+pub fn verify_with_progress(
+    conn: &Connection,
+    key: Option<&Secret>,
+    mut progress: impl FnMut(u64),
+) -> rusqlite::Result<ChainReport> {
+    let cp = Checkpoint::read(conn)?;
+    let start = cp.after_id;
     let mut stmt = conn.prepare(&format!(
         "{} WHERE id > ?1 ORDER BY id",
         schema::select_sql()
     ))?;
     let mut rows = stmt.query([start])?;
-    let mut expected_prev = GENESIS.to_owned();
+    let mut expected_prev = cp.anchor.clone();
+    let mut prev_id: Option<i64> = None;
     let mut count = 0u64;
+    let report = |rows, first_break| ChainReport {
+        rows,
+        chain_start_after: start,
+        first_break,
+    };
     while let Some(row) = rows.next()? {
         count += 1;
+        if count.is_multiple_of(8192) {
+            progress(count);
+        }
         let (id, record) = match schema::from_row(row) {
             Ok(r) => r,
             Err(_) => {
                 let row_id: i64 = row.get(0)?;
                 let request_id: Option<String> = row.get(2).ok();
-                return Ok(ChainReport {
-                    rows: count,
-                    chain_start_after: start,
-                    first_break: Some(ChainBreak {
+                return Ok(report(
+                    count,
+                    Some(ChainBreak {
                         row_id,
                         request_id: request_id.unwrap_or_default(),
                         kind: BreakKind::Unreadable,
+                        tamper: Tamper::Unreadable,
                     }),
-                });
+                ));
             }
         };
         let kind = if record.prev_hash != expected_prev {
             Some(BreakKind::PrevMismatch)
-        } else if link_hash(&record.prev_hash, &canonical_bytes(&record), key) != record.record_hash
-        {
-            Some(BreakKind::HashMismatch)
         } else {
-            None
+            (link_hash(&record.prev_hash, &canonical_bytes(&record), key) != record.record_hash)
+                .then_some(BreakKind::HashMismatch)
         };
         if let Some(kind) = kind {
-            return Ok(ChainReport {
-                rows: count,
-                chain_start_after: start,
-                first_break: Some(ChainBreak {
+            let tamper = match kind {
+                BreakKind::PrevMismatch => diagnose_link(
+                    conn,
+                    &cp,
+                    prev_id.map(|p| (p, expected_prev.as_str())),
+                    id,
+                    &record.prev_hash,
+                )?,
+                _ => Tamper::Altered { row_id: id },
+            };
+            return Ok(report(
+                count,
+                Some(ChainBreak {
                     row_id: id,
                     request_id: record.request_id,
                     kind,
+                    tamper,
                 }),
-            });
+            ));
         }
         expected_prev = record.record_hash;
+        prev_id = Some(id);
     }
-    Ok(ChainReport {
-        rows: count,
-        chain_start_after: start,
-        first_break: None,
+    progress(count);
+    // Rows deleted from the end leave every remaining link intact; AUTOINCREMENT's record of
+    // the highest id ever assigned still shows them.
+    let assigned: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'audit_logs'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let last = prev_id.unwrap_or(start);
+    if let Some(seq) = assigned.filter(|&seq| seq > last) {
+        return Ok(report(
+            count,
+            Some(ChainBreak {
+                row_id: last + 1,
+                request_id: String::new(),
+                kind: BreakKind::TailMissing,
+                tamper: Tamper::Deleted {
+                    first_id: last + 1,
+                    last_id: seq,
+                },
+            }),
+        ));
+    }
+    Ok(report(count, None))
+}
+
+/// Works out why row `id` (whose `prev_hash` is `prev_hash`) does not link to its
+/// predecessor `pred` (`id`, `record_hash`; `None` for the first row after the checkpoint).
+fn diagnose_link(
+    conn: &Connection,
+    cp: &Checkpoint,
+    pred: Option<(i64, &str)>,
+    id: i64,
+    prev_hash: &str,
+) -> rusqlite::Result<Tamper> {
+    let id_with = |column: &str, hash: &str| -> rusqlite::Result<Option<i64>> {
+        conn.query_row(
+            &format!(
+                "SELECT id FROM audit_logs WHERE id > ?1 AND {column} = ?2 ORDER BY id LIMIT 1"
+            ),
+            rusqlite::params![cp.after_id, hash],
+            |r| r.get(0),
+        )
+        .optional()
+    };
+    // The row it names as predecessor comes after it: rows were moved.
+    if let Some(target) = id_with("record_hash", prev_hash)? {
+        if target > id {
+            return Ok(Tamper::Reordered { links_to: target });
+        }
+        // It names an earlier row than the one before it: everything in between was inserted.
+        let first_inserted: i64 = conn.query_row(
+            "SELECT MIN(id) FROM audit_logs WHERE id > ?1",
+            [target],
+            |r| r.get(0),
+        )?;
+        return Ok(Tamper::Inserted {
+            row_id: first_inserted,
+        });
+    }
+    let (pred_id, pred_hash) = pred.unwrap_or((cp.after_id, cp.anchor.as_str()));
+    // The chain goes on from the predecessor further down: this row (and any up to there)
+    // was inserted.
+    if let Some(successor) = id_with("prev_hash", pred_hash)?
+        && successor > id
+    {
+        return Ok(Tamper::Inserted { row_id: id });
+    }
+    if id - pred_id > 1 {
+        return Ok(Tamper::Deleted {
+            first_id: pred_id + 1,
+            last_id: id - 1,
+        });
+    }
+    // Nothing is missing, yet the row links to a hash no row has: the predecessor was
+    // rewritten, its record_hash recomputed (the row after it still names the original).
+    Ok(Tamper::Altered {
+        row_id: if pred.is_some() { pred_id } else { id },
     })
 }

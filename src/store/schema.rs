@@ -114,6 +114,22 @@ fn upgrade_seed_table(conn: &Connection) -> rusqlite::Result<()> {
     }
 }
 
+/// Meta key: the `prev_hash` the first row after `chain_start_after` links to (the
+/// `record_hash` of the last pruned row; absent means GENESIS).
+pub const CHAIN_ANCHOR: &str = "chain_anchor";
+/// Meta key: when the log was last pruned (UTC, the record timestamp format).
+pub const PRUNED_AT: &str = "pruned_at";
+
+/// A value of the meta table.
+pub fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT value FROM llm_audit_meta WHERE key = ?1",
+        [key],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
 /// Rows at or below this `id` predate the chain (0 when every row is chained).
 pub fn chain_start_after(conn: &Connection) -> rusqlite::Result<i64> {
     let v: Option<String> = conn
