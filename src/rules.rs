@@ -43,7 +43,7 @@ impl Severity {
     }
 
     /// The seed's spelling (`CRITICAL`, …), used by the report.
-    pub fn upper(self) -> &'static str {
+    pub const fn upper(self) -> &'static str {
         match self {
             Self::Info => "INFO",
             Self::Warning => "WARNING",

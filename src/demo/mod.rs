@@ -240,32 +240,16 @@ struct ModelRow {
     fallback_priced: bool,
 }
 
-/// The seed's five checks: name, severity, recommendation.
-const HIGH_REQUEST_RATE: (&str, &str, &str) = (
-    "HIGH_REQUEST_RATE",
-    "WARNING",
-    "Apply IP-based rate limiting.",
-);
-const HIGH_FAILURE_RATE: (&str, &str, &str) = (
-    "HIGH_FAILURE_RATE",
-    "CRITICAL",
-    "Check that the API keys are valid and the endpoint is reachable.",
-);
-const COST_OVERRUN: (&str, &str, &str) = (
-    "COST_OVERRUN",
-    "CRITICAL",
-    "Tighten max_tokens limits and review the choice of models.",
-);
-const EXCESSIVE_TOKEN_USAGE: (&str, &str, &str) = (
-    "EXCESSIVE_TOKEN_USAGE",
-    "WARNING",
-    "Set a token quota per user.",
-);
-const REPEATED_REQUESTS: (&str, &str, &str) = (
-    "REPEATED_REQUESTS",
-    "INFO",
-    "Cache repeated requests or add duplicate prevention.",
-);
+/// The seed's five checks as (name, severity, recommendation), from the one table the alert
+/// rules and `llm-audit report` use.
+const fn check(a: crate::rules::Anomaly) -> (&'static str, &'static str, &'static str) {
+    (a.name, a.severity.upper(), a.recommendation)
+}
+const HIGH_REQUEST_RATE: (&str, &str, &str) = check(crate::rules::HIGH_REQUEST_RATE);
+const HIGH_FAILURE_RATE: (&str, &str, &str) = check(crate::rules::HIGH_FAILURE_RATE);
+const COST_OVERRUN: (&str, &str, &str) = check(crate::rules::COST_OVERRUN);
+const EXCESSIVE_TOKEN_USAGE: (&str, &str, &str) = check(crate::rules::EXCESSIVE_TOKEN_USAGE);
+const REPEATED_REQUESTS: (&str, &str, &str) = check(crate::rules::REPEATED_REQUESTS);
 
 impl Summary {
     /// SQL over the run's rows (`id > first_row`), as the seed's statistics and checks do.
@@ -520,8 +504,8 @@ impl Summary {
         let _ = writeln!(s, "{rule}");
         let _ = writeln!(
             s,
-            "explore the log: sqlite3 {} \"SELECT model, COUNT(*), SUM(cost_usd) FROM audit_logs GROUP BY model\"",
-            self.db.display()
+            "full report: llm-audit report --db {db}\ncheck the hash chain: llm-audit verify --db {db}",
+            db = self.db.display()
         );
         s
     }
