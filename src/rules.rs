@@ -205,17 +205,21 @@ pub fn prom_duration(d: Duration) -> String {
 /// counting series born inside the window from zero; one term per line, for people reading the
 /// rules file.
 ///
-/// - Series that existed `window` ago: `increase()`.
+/// - Series that had a sample in the window before this one: `increase()`. Looked up with
+///   `last_over_time(…[w] offset w)`, not a plain `offset`: one failed scrape writes staleness
+///   markers, and a plain `offset` landing on them would make every old series look new.
 /// - Series born since: their whole current value — but only where that value is known to be
-///   recent: the target was already scraped `window` ago (so the series is new, not just newly
-///   seen), or the process itself is younger than `window`. A Prometheus that has just started
-///   scraping a long-running llm-audit would otherwise count every counter's lifetime total.
+///   recent: the target was scraped successfully in the window before (so the series is new,
+///   not just newly seen), or the process itself is younger than `window`. A Prometheus that
+///   has just started scraping a long-running llm-audit would otherwise count every counter's
+///   lifetime total.
 pub fn increase_incl_new(agg: &str, sel: &str, window: Duration) -> String {
     let w = prom_duration(window);
     let secs = window.as_secs();
     format!(
-        "{agg} (\n    increase({sel}[{w}]) and {sel} offset {w}\n  or\n    ({sel} unless {sel} offset {w})\n    \
-         and on (job, instance) (up offset {w} or time() - {start} < {secs})\n)",
+        "{agg} (\n    increase({sel}[{w}]) and last_over_time({sel}[{w}] offset {w})\n  or\n    \
+         ({sel} unless last_over_time({sel}[{w}] offset {w}))\n    \
+         and on (job, instance) (max_over_time(up[{w}] offset {w}) == 1 or time() - {start} < {secs})\n)",
         start = names::PROCESS_START,
     )
 }
@@ -381,8 +385,9 @@ fn rules(t: &ThresholdsConfig) -> Vec<Rule> {
             for_: Some("1m"),
             summary: "llm-audit is not being scraped".into(),
             description: format!(
-                "Prometheus cannot scrape job {JOB} ({{{{ $labels.instance }}}}); no other \
-                 llm-audit alert can fire while it is down."
+                "Prometheus cannot scrape job {JOB} ({{{{ with $labels.instance }}}}{{{{ . }}}}\
+                 {{{{ else }}}}no target at all{{{{ end }}}}); no other llm-audit alert can fire \
+                 while it is down."
             ),
         },
     ]
