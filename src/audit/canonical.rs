@@ -60,14 +60,19 @@ pub fn canonical_json(value: &Value) -> String {
 ///
 /// With a key, a hash cannot be used to confirm a guessed prompt.
 pub fn request_hash(value: &Value, key: Option<&Secret>) -> String {
-    let canonical = canonical_json(value);
+    bytes_hash(canonical_json(value).as_bytes(), key)
+}
+
+/// SHA-256 (or HMAC-SHA256 with `key`) of `bytes`, lower-case hex: the hash of a body that could
+/// not be parsed, keyed like every other request hash so it cannot confirm a guessed prompt.
+pub fn bytes_hash(bytes: &[u8], key: Option<&Secret>) -> String {
     match key {
-        None => hex::encode(Sha256::digest(canonical.as_bytes())),
+        None => hex::encode(Sha256::digest(bytes)),
         Some(key) => {
             // HMAC accepts keys of any length, so this cannot fail.
             let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose().as_bytes())
                 .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
-            mac.update(canonical.as_bytes());
+            mac.update(bytes);
             hex::encode(mac.finalize().into_bytes())
         }
     }

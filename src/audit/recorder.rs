@@ -125,8 +125,14 @@ impl CallStart {
     }
 
     /// A call whose body could not be accepted (it is audited all the same). The model is
-    /// kept when the body names one.
-    pub fn unparsed(operation: Operation, provider: Arc<str>, body: &[u8]) -> Self {
+    /// kept when the body names one. A call rejected before its body was read has no request
+    /// hash (`""`): it carried no prompt, so it cannot repeat one.
+    pub fn unparsed(
+        operation: Operation,
+        provider: Arc<str>,
+        body: &[u8],
+        hash_key: Option<&Secret>,
+    ) -> Self {
         let model = serde_json::from_slice::<Value>(body)
             .ok()
             .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned))
@@ -142,7 +148,11 @@ impl CallStart {
             user_id: None,
             ip_address: None,
             key_id: None,
-            request_hash: hex::encode(Sha256::digest(body)),
+            request_hash: if body.is_empty() {
+                String::new()
+            } else {
+                super::canonical::bytes_hash(body, hash_key)
+            },
             prompt: None,
             server_address: None,
             server_port: None,
@@ -508,7 +518,8 @@ impl InFlight {
                 .prices
                 .cost(&call.model, resp.model.as_deref(), &usage)
         };
-        let duplicate = inner.duplicates.observe(&call.request_hash, self.start);
+        let duplicate = !call.request_hash.is_empty()
+            && inner.duplicates.observe(&call.request_hash, self.start);
         let preview = preview(&resp.text, inner.capture.preview_chars);
         let error_message = end
             .error

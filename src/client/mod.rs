@@ -313,7 +313,12 @@ impl Client {
             Err(e) => {
                 let raw = serde_json::to_vec(&body).unwrap_or_default();
                 (
-                    CallStart::unparsed(Operation::Chat, inner.provider.clone(), &raw),
+                    CallStart::unparsed(
+                        Operation::Chat,
+                        inner.provider.clone(),
+                        &raw,
+                        recorder.hash_key(),
+                    ),
                     Some(e),
                 )
             }

@@ -46,7 +46,7 @@ pub async fn audited(
     let (parts, body) = request.into_parts();
     let headers = parts.headers;
     let ip = client_ip(peer, &headers, &state.trusted_proxies).to_string();
-    let mut call = CallStart::unparsed(op, state.provider.clone(), b"");
+    let mut call = CallStart::unparsed(op, state.provider.clone(), b"", None);
     call.ip_address = Some(ip.clone());
     call.parent = parent_context(&headers);
     call.server_address.clone_from(&state.server_address);
@@ -329,7 +329,7 @@ fn fail(flight: InFlight, err: ProxyError) -> Response {
 
 /// The unparsed call, with the model named in `body` when there is one.
 fn with_body(call: CallStart, op: Operation, state: &AppState, body: &[u8]) -> CallStart {
-    let base = CallStart::unparsed(op, state.provider.clone(), body);
+    let base = CallStart::unparsed(op, state.provider.clone(), body, state.recorder.hash_key());
     CallStart {
         model: base.model,
         request_hash: base.request_hash,

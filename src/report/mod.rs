@@ -274,9 +274,13 @@ pub fn build(
     thresholds: &ThresholdsConfig,
     generated_at: String,
 ) -> rusqlite::Result<Report> {
+    // One read transaction: every query sees the same snapshot of a log that the proxy may be
+    // writing (or pruning) meanwhile, so totals and breakdowns add up.
+    let snapshot = conn.unchecked_transaction()?;
     let q = Queries::new(conn, &period)?;
     let stats = q.stats()?;
     let (anomalies, repeated_hashes) = q.anomalies(&stats, thresholds)?;
+    snapshot.commit()?;
     Ok(Report {
         report_version: 1,
         generated_at,
@@ -295,10 +299,19 @@ struct Queries<'c> {
     /// Per-row cost in picodollars; rows of an upgraded seed database have only `cost_usd`.
     cost: &'static str,
     has_ours: bool,
+    /// The period's upper bound ([`END_OF_TIME`] when open-ended).
+    until: &'c str,
+    /// The table, pinned to the timestamp index when there is one: grouping queries otherwise
+    /// walk the model/user/hash index over the whole log, however short the period.
+    from: &'static str,
 }
 
 /// The period filter; `?1` since, `?2` until (NULL: none).
-const IN_PERIOD: &str = "timestamp >= ?1 AND (?2 IS NULL OR timestamp < ?2)";
+const IN_PERIOD: &str = "timestamp >= ?1 AND timestamp < ?2";
+
+/// The upper bound of an open-ended period: after any timestamp the log can hold. Binding a
+/// bound always lets SQLite range-scan the timestamp index from both ends.
+const END_OF_TIME: &str = "9999-12-31T23:59:59.999999Z";
 
 impl<'c> Queries<'c> {
     fn new(conn: &'c Connection, period: &'c Period) -> rusqlite::Result<Self> {
@@ -309,11 +322,22 @@ impl<'c> Queries<'c> {
         } else {
             "CAST(ROUND(COALESCE(cost_usd, 0) * 1e12) AS INTEGER)"
         };
+        let has_time_index: bool = conn.query_row(
+            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'idx_timestamp'",
+            [],
+            |r| r.get(0),
+        )?;
         Ok(Self {
             conn,
             period,
             cost,
             has_ours,
+            until: period.until.as_deref().unwrap_or(END_OF_TIME),
+            from: if has_time_index {
+                "audit_logs INDEXED BY idx_timestamp"
+            } else {
+                "audit_logs"
+            },
         })
     }
 
@@ -326,13 +350,14 @@ impl<'c> Queries<'c> {
     }
 
     fn stats(&self) -> rusqlite::Result<Stats> {
-        let p = params![self.period.since, self.period.until];
+        let from = self.from;
+        let p = params![self.period.since, self.until];
         let mut s = self.conn.query_row(
             &format!(
                 "SELECT COUNT(*), COALESCE(SUM(CASE WHEN status_code >= 400 THEN 1 ELSE 0 END), 0), \
                  {}, COALESCE(SUM(total_tokens), 0), COALESCE(SUM(prompt_tokens), 0), \
                  COALESCE(SUM(completion_tokens), 0), AVG(latency_ms) \
-                 FROM audit_logs WHERE {IN_PERIOD}",
+                 FROM {from} WHERE {IN_PERIOD}",
                 self.cost_sums()
             ),
             p,
@@ -356,7 +381,7 @@ impl<'c> Queries<'c> {
         s.models = self
             .conn
             .prepare(&format!(
-                "SELECT model, COUNT(*) AS n, {}, AVG(latency_ms) FROM audit_logs \
+                "SELECT model, COUNT(*) AS n, {}, AVG(latency_ms) FROM {from} \
                  WHERE {IN_PERIOD} GROUP BY model ORDER BY n DESC, model",
                 self.cost_sums()
             ))?
@@ -372,7 +397,7 @@ impl<'c> Queries<'c> {
         s.errors = self
             .conn
             .prepare(&format!(
-                "SELECT error_message, COUNT(*) AS n FROM audit_logs \
+                "SELECT error_message, COUNT(*) AS n FROM {from} \
                  WHERE {IN_PERIOD} AND error_message IS NOT NULL \
                  GROUP BY error_message ORDER BY n DESC, error_message LIMIT {TOP_ERRORS}"
             ))?
@@ -386,7 +411,7 @@ impl<'c> Queries<'c> {
         s.top_users = self
             .conn
             .prepare(&format!(
-                "SELECT user_id, COUNT(*) AS n, {} FROM audit_logs \
+                "SELECT user_id, COUNT(*) AS n, {} FROM {from} \
                  WHERE {IN_PERIOD} AND user_id IS NOT NULL \
                  GROUP BY user_id ORDER BY n DESC, user_id LIMIT {TOP_USERS}",
                 self.cost_sums()
@@ -406,11 +431,12 @@ impl<'c> Queries<'c> {
     /// a few sequential scans with 65,536 counters each instead of sorting every row, so time
     /// stays linear and memory flat however many rows the period has.
     fn percentiles(&self) -> rusqlite::Result<Percentiles> {
+        let from = self.from;
         let mut stmt = self.conn.prepare(&format!(
-            "SELECT latency_ms FROM audit_logs WHERE {IN_PERIOD} AND latency_ms IS NOT NULL"
+            "SELECT latency_ms FROM {from} WHERE {IN_PERIOD} AND latency_ms IS NOT NULL"
         ))?;
         let mut scan = |f: &mut dyn FnMut(f64)| -> rusqlite::Result<()> {
-            let mut rows = stmt.query(params![self.period.since, self.period.until])?;
+            let mut rows = stmt.query(params![self.period.since, self.until])?;
             while let Some(row) = rows.next()? {
                 f(row.get(0)?);
             }
@@ -429,7 +455,8 @@ impl<'c> Queries<'c> {
         s: &Stats,
         t: &ThresholdsConfig,
     ) -> rusqlite::Result<(Vec<Finding>, Vec<HashCount>)> {
-        let p = params![self.period.since, self.period.until];
+        let from = self.from;
+        let p = params![self.period.since, self.until];
         let mut out = Vec::new();
         let minutes = self.period.minutes;
 
@@ -473,11 +500,8 @@ impl<'c> Queries<'c> {
 
         // 3. Cost in the last hour of the period.
         let (hi, lo): (i64, i64) = self.conn.query_row(
-            &format!(
-                "SELECT {} FROM audit_logs WHERE timestamp >= ?1 AND (?2 IS NULL OR timestamp < ?2)",
-                self.cost_sums()
-            ),
-            params![self.period.last_hour_since, self.period.until],
+            &format!("SELECT {} FROM {from} WHERE {IN_PERIOD}", self.cost_sums()),
+            params![self.period.last_hour_since, self.until],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )?;
         let hourly = money(hi, lo).usd();
@@ -498,14 +522,14 @@ impl<'c> Queries<'c> {
         let mut stmt = self.conn.prepare(&format!(
             // Filtering rows before grouping finds the same users as the seed's
             // `HAVING MAX(total_tokens) > ?` without grouping every row.
-            "SELECT user_id, MAX(total_tokens) AS m FROM audit_logs \
+            "SELECT user_id, MAX(total_tokens) AS m FROM {from} \
              WHERE {IN_PERIOD} AND user_id IS NOT NULL AND total_tokens > ?3 \
              GROUP BY user_id ORDER BY m DESC, user_id"
         ))?;
         let users = stmt.query_map(
             params![
                 self.period.since,
-                self.period.until,
+                self.until,
                 t.max_tokens_per_request as i64
             ],
             |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)),
@@ -531,7 +555,7 @@ impl<'c> Queries<'c> {
         let mut repeated: Vec<HashCount> = Vec::new();
         let (mut hashed, mut distinct) = (0i64, 0i64);
         let mut stmt = self.conn.prepare(&format!(
-            "WITH g AS (SELECT request_hash, COUNT(*) AS n FROM audit_logs \
+            "WITH g AS (SELECT request_hash, COUNT(*) AS n FROM {from} \
              WHERE {IN_PERIOD} AND request_hash IS NOT NULL AND request_hash != '' \
              GROUP BY request_hash) \
              SELECT request_hash, n, SUM(n) OVER (), COUNT(*) OVER () FROM g \
@@ -582,7 +606,7 @@ impl<'c> Queries<'c> {
         // Ours, as in the alert rules: calls priced by fallback or not at all, per model…
         if self.has_ours {
             let mut stmt = self.conn.prepare(&format!(
-                "SELECT model, COUNT(*) AS n FROM audit_logs WHERE {IN_PERIOD} \
+                "SELECT model, COUNT(*) AS n FROM {from} WHERE {IN_PERIOD} \
                  AND cost_status != 'priced' AND usage_source != 'missing' \
                  GROUP BY model ORDER BY n DESC, model"
             ))?;
@@ -599,7 +623,7 @@ impl<'c> Queries<'c> {
         }
         // …and failed authentications (401s answered by the proxy).
         let auth: i64 = self.conn.query_row(
-            &format!("SELECT COUNT(*) FROM audit_logs WHERE {IN_PERIOD} AND status_code = 401"),
+            &format!("SELECT COUNT(*) FROM {from} WHERE {IN_PERIOD} AND status_code = 401"),
             p,
             |r| r.get(0),
         )?;
