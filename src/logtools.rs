@@ -13,7 +13,7 @@ use crate::cli::{ExportArgs, ExportFormat, PruneArgs, VerifyArgs};
 use crate::config::Secret;
 use crate::report::open_read_only;
 use crate::report::render::thousands;
-use crate::store::chain::{self, ChainReport, Checkpoint};
+use crate::store::chain::{self, BreakKind, ChainReport, Checkpoint};
 use crate::store::schema;
 
 /// Exit code: a check failed (tampering found).
@@ -109,10 +109,17 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                     "hint: if this log was written with a chain key, pass --chain-key-file"
                 )?;
             }
+            // The breaking row was read too, except when rows are missing after the last one.
+            let good = if b.kind == BreakKind::TailMissing {
+                report.rows
+            } else {
+                report.rows.saturating_sub(1)
+            };
             writeln!(
                 out,
-                "{} rows checked before the break in {:.2} s",
-                thousands(report.rows.saturating_sub(1)),
+                "{} row{} checked before the break in {:.2} s",
+                thousands(good),
+                if good == 1 { "" } else { "s" },
                 took.as_secs_f64()
             )?;
             Ok(ExitCode::from(TAMPERED))
@@ -246,14 +253,17 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
     match write_export(&conn, since, until, args.format, stdout) {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // `llm-audit export | head` is fine.
-        Err(e)
-            if e.downcast_ref::<std::io::Error>()
-                .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe) =>
-        {
-            Ok(ExitCode::SUCCESS)
-        }
+        Err(e) if is_broken_pipe(&e) => Ok(ExitCode::SUCCESS),
         Err(e) => Err(e),
     }
+}
+
+/// The reader went away (`export | head`): not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    let pipe = |io: &std::io::Error| io.kind() == std::io::ErrorKind::BrokenPipe;
+    e.downcast_ref::<std::io::Error>().is_some_and(pipe)
+        || e.downcast_ref::<csv::Error>()
+            .is_some_and(|c| matches!(c.kind(), csv::ErrorKind::Io(io) if pipe(io)))
 }
 
 fn write_export(
@@ -272,15 +282,20 @@ fn write_export(
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     match format {
         ExportFormat::Jsonl => {
+            // Objects written directly, keys in column order and escaped once: no map per row.
+            let keys: Vec<String> = names
+                .iter()
+                .map(|n| format!("{}:", serde_json::Value::from(n.as_str())))
+                .collect();
             let mut line = Vec::with_capacity(2048);
             while let Some(row) = rows.next()? {
-                let mut obj = serde_json::Map::with_capacity(names.len());
-                for (i, name) in names.iter().enumerate() {
-                    obj.insert(name.clone(), json_value(row.get_ref(i)?));
-                }
                 line.clear();
-                serde_json::to_writer(&mut line, &obj)?;
-                line.push(b'\n');
+                for (i, key) in keys.iter().enumerate() {
+                    line.push(if i == 0 { b'{' } else { b',' });
+                    line.extend_from_slice(key.as_bytes());
+                    write_json_value(&mut line, row.get_ref(i)?)?;
+                }
+                line.extend_from_slice(b"}\n");
                 out.write_all(&line)?;
             }
         }
@@ -303,16 +318,16 @@ fn write_export(
     Ok(())
 }
 
-fn json_value(v: ValueRef<'_>) -> serde_json::Value {
+fn write_json_value(out: &mut Vec<u8>, v: ValueRef<'_>) -> serde_json::Result<()> {
     match v {
-        ValueRef::Null => serde_json::Value::Null,
-        ValueRef::Integer(i) => i.into(),
-        ValueRef::Real(f) => {
-            serde_json::Number::from_f64(f).map_or(serde_json::Value::Null, Into::into)
-        }
-        ValueRef::Text(t) => String::from_utf8_lossy(t).into_owned().into(),
-        ValueRef::Blob(b) => hex::encode(b).into(),
+        ValueRef::Null => out.extend_from_slice(b"null"),
+        ValueRef::Integer(i) => serde_json::to_writer(&mut *out, &i)?,
+        // serde_json writes the shortest text that reads back as the same f64 (NaN/inf: null).
+        ValueRef::Real(f) => serde_json::to_writer(&mut *out, &f)?,
+        ValueRef::Text(t) => serde_json::to_writer(&mut *out, &String::from_utf8_lossy(t))?,
+        ValueRef::Blob(b) => serde_json::to_writer(&mut *out, &hex::encode(b))?,
     }
+    Ok(())
 }
 
 fn csv_cell(v: ValueRef<'_>, cell: &mut String) {

@@ -387,6 +387,16 @@ fn diagnose_link(
             row_id: first_inserted,
         });
     }
+    // Only the first row may link to the chain's start: a later one doing so had rows put in
+    // front of it.
+    if pred.is_some() && prev_hash == cp.anchor {
+        let first: i64 = conn.query_row(
+            "SELECT MIN(id) FROM audit_logs WHERE id > ?1",
+            [cp.after_id],
+            |r| r.get(0),
+        )?;
+        return Ok(Tamper::Inserted { row_id: first });
+    }
     let (pred_id, pred_hash) = pred.unwrap_or((cp.after_id, cp.anchor.as_str()));
     // The chain goes on from the predecessor further down: this row (and any up to there)
     // was inserted.
