@@ -390,6 +390,9 @@ const CATALOG: &[(&str, &str, &[&str])] = &[
     ("llm_audit_span_export_errors_total", "counter", &[]),
     ("llm_audit_build_info", "gauge", &["version"]),
     ("llm_audit_label_overflow_total", "counter", &["label"]),
+    // The conventional process start time: the alert rules tell a young process from a
+    // Prometheus that just started scraping an old one by it.
+    ("process_start_time_seconds", "gauge", &[]),
     (
         "gen_ai_client_token_usage",
         "histogram",
