@@ -133,8 +133,11 @@ impl CallStart {
         body: &[u8],
         hash_key: Option<&Secret>,
     ) -> Self {
-        let model = serde_json::from_slice::<Value>(body)
-            .ok()
+        // Every proxied call starts here with an empty body; parsing nothing would only build
+        // (and allocate) an error.
+        let model = (!body.is_empty())
+            .then(|| serde_json::from_slice::<Value>(body).ok())
+            .flatten()
             .and_then(|v| v.get("model").and_then(Value::as_str).map(str::to_owned))
             .filter(|m| !m.is_empty())
             .unwrap_or_else(|| crate::telemetry::metrics::UNKNOWN_MODEL.into());
