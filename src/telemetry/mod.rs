@@ -187,8 +187,13 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     let tracer = provider.tracer("llm-audit");
+    // Only the attributes of the telemetry contract: no source locations, thread ids or
+    // busy/idle timings (the last costs two clock reads per poll of an instrumented future).
     tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
         .with_filter(quiet_exporter_targets())
 }
 
