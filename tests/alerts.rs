@@ -11,6 +11,7 @@
 
 mod alerts_support;
 mod fake_upstream;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -26,7 +27,6 @@ use alerts_support::{
 };
 use fake_upstream::{FakeUpstream, Reply};
 
-const BIN: &str = env!("CARGO_BIN_EXE_llm-audit");
 const RULES: &str = "alerts/llm-audit.rules.yml";
 const RULE_TESTS: &str = "alerts/tests";
 const ALERTMANAGER: &str = "alerts/alertmanager.yml";
@@ -50,15 +50,9 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// `llm-audit` with no inherited `LLM_AUDIT_*`, `OTEL_*` or `RUST_LOG`, in an empty directory.
+/// The built `llm-audit` ([`support::llm_audit`]), in the directory `cwd`.
 fn llm_audit(cwd: &Path) -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k.starts_with("LLM_AUDIT_") || k.starts_with("OTEL_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = support::llm_audit();
     cmd.current_dir(cwd);
     cmd
 }

@@ -3,9 +3,10 @@
 //! default (and nothing else: anything that is not a default is commented out), and
 //! `examples/configs/*.toml` change exactly the keys they say they change.
 
+mod support;
+
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use llm_audit::config::{AuthMode, Config, HumanDuration};
@@ -219,14 +220,11 @@ fn serve_check_config_accepts_every_shipped_file() {
         files.push(root().join(format!("examples/configs/{name}.toml")));
     }
     for file in files {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_llm-audit"));
-        cmd.args(["serve", "--check-config", "--config"]).arg(&file);
-        for (k, _) in std::env::vars() {
-            if k.starts_with("LLM_AUDIT_") {
-                cmd.env_remove(k);
-            }
-        }
-        let out = cmd.output().unwrap();
+        let out = support::llm_audit()
+            .args(["serve", "--check-config", "--config"])
+            .arg(&file)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "{}: {:?}\n{}{}",

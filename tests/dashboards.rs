@@ -5,6 +5,7 @@
 //! real `llm-audit demo`: each metric it names is exported and each panel gets data.
 
 mod ops;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;

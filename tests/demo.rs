@@ -2,25 +2,16 @@
 //! `llm-audit demo` end to end, as a newcomer runs it: the built binary, the simulated upstream,
 //! generated traffic; the metrics while it runs, the audit log and the summary after it exits.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+mod support;
+
+use std::io::{Read as _, Write as _};
 use std::net::{SocketAddr, TcpStream};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use llm_audit::store::chain;
 
-/// Kills the demo if the test fails before it exits.
-struct Reap(Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
+use support::{Lines, Reap};
 
 fn scrape(addr: SocketAddr) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -49,7 +40,7 @@ fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
 fn demo_shows_metrics_audit_log_and_anomalies() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("demo.db");
-    let exe = env!("CARGO_BIN_EXE_llm-audit");
+    let exe = support::BIN;
     let args = [
         "demo",
         "--duration",
@@ -63,32 +54,13 @@ fn demo_shows_metrics_audit_log_and_anomalies() {
         "--db",
         db.to_str().unwrap(),
     ];
-    let mut cmd = Command::new(exe);
-    cmd.args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
     // The developer's own settings must not change the demo under test.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("LLM_AUDIT_") || k.starts_with("OTEL_") {
-            cmd.env_remove(k);
-        }
-    }
+    let mut cmd = support::llm_audit();
+    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
     let started = Instant::now();
     let mut child = Reap(cmd.spawn().unwrap());
-    let stderr = child.0.stderr.take().unwrap();
+    let stderr = Lines::read(child.0.stderr.take().unwrap());
     let mut stdout = child.0.stdout.take().unwrap();
-    let (lines_tx, lines) = mpsc::channel::<String>();
-    let err_reader = std::thread::spawn(move || {
-        let mut all = String::new();
-        for line in BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            all.push_str(&line);
-            all.push('\n');
-            let _ = lines_tx.send(line);
-        }
-        all
-    });
     let out_reader = std::thread::spawn(move || {
         let mut all = String::new();
         let _ = stdout.read_to_string(&mut all);
@@ -96,20 +68,7 @@ fn demo_shows_metrics_audit_log_and_anomalies() {
     });
 
     // While it runs: find the metrics listener, scrape until every family shows.
-    let mut metrics_addr: Option<SocketAddr> = None;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while metrics_addr.is_none() && Instant::now() < deadline {
-        match lines.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) => {
-                metrics_addr = line
-                    .strip_prefix("metrics on http://")
-                    .and_then(|rest| rest.strip_suffix("/metrics"))
-                    .and_then(|a| a.parse().ok());
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => break,
-        }
-    }
+    let metrics_addr = stderr.wait_for(Duration::from_secs(30), support::metrics_addr);
     let wanted = [
         "llm_audit_requests_total",
         "llm_audit_cost_usd_total",
@@ -140,10 +99,9 @@ fn demo_shows_metrics_audit_log_and_anomalies() {
     let status = wait_for_exit(&mut child.0, Duration::from_secs(90));
     let elapsed = started.elapsed();
     if status.is_none() {
-        let _ = child.0.kill();
-        let _ = child.0.wait();
+        support::reap(&mut child.0);
     }
-    let stderr = err_reader.join().unwrap();
+    let stderr = stderr.until_end();
     let stdout = out_reader.join().unwrap();
     let context = format!(
         "command: {exe} {}\nstatus: {status:?} after {elapsed:?} (metrics checked by {scraped_at:?})\n\

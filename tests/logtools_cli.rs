@@ -8,6 +8,8 @@
 //! the rest verifiable from its checkpoint (also after new records, twice, and down to nothing),
 //! and refuses a tampered log; a million chained rows verify quickly in bounded memory.
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io::{BufRead as _, BufReader, Read as _};
@@ -26,7 +28,7 @@ use llm_audit::telemetry::Metrics;
 use rusqlite::{Connection, OptionalExtension as _};
 use serde_json::value::RawValue;
 
-const BIN: &str = env!("CARGO_BIN_EXE_llm-audit");
+use support::{llm_audit, wait_sampling_peak_rss};
 
 /// The chain key of the keyed logs; the forger does not have it.
 const CHAIN_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0-chain";
@@ -34,24 +36,6 @@ const CHAIN_KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f0-chain";
 const RSS_LIMIT_KB: u64 = 60 * 1024;
 
 // ── Running the binary ──────────────────────────────────────────────────────────────────────
-
-/// `llm-audit` without the developer's `LLM_AUDIT_*` (they would change the arguments),
-/// `OTEL_*`, `RUST_LOG` or `NO_COLOR` settings.
-fn command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k.starts_with("LLM_AUDIT_")
-            || k.starts_with("OTEL_")
-            || k == "RUST_LOG"
-            || k == "NO_COLOR"
-        {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
 
 /// What a finished command left.
 #[derive(Debug)]
@@ -62,7 +46,7 @@ struct Run {
 }
 
 fn run<S: AsRef<OsStr>>(args: &[S]) -> Run {
-    let out = command().args(args).output().unwrap();
+    let out = llm_audit().args(args).output().unwrap();
     Run {
         code: out.status.code(),
         stdout: String::from_utf8(out.stdout).unwrap(),
@@ -146,8 +130,7 @@ struct Measured {
 }
 
 /// Runs `cmd`, reading its stdout as it comes (counting, keeping the first and last line) and
-/// sampling the child's peak resident set (VmHWM: a high-water mark, so the last sample before
-/// exit is the peak up to then) every 2 ms.
+/// sampling the child's peak resident set ([`wait_sampling_peak_rss`]).
 fn measured(cmd: &mut Command) -> Measured {
     let started = Instant::now();
     let mut child = cmd
@@ -183,22 +166,7 @@ fn measured(cmd: &mut Command) -> Measured {
         stderr.read_to_string(&mut s).unwrap();
         s
     });
-    let status_file = format!("/proc/{}/status", child.id());
-    let mut peak_kb = 0;
-    let status = loop {
-        if let Ok(s) = std::fs::read_to_string(&status_file)
-            && let Some(kb) = s
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        {
-            peak_kb = peak_kb.max(kb);
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let (status, peak_kb) = wait_sampling_peak_rss(&mut child);
     let took = started.elapsed();
     let (lines, bytes, first, last) = reader.join().unwrap();
     Measured {
@@ -975,7 +943,7 @@ fn unusable_inputs_exit_2_and_nothing_is_created() {
     assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
 
     // The default --db (./llm-audit.db) in an empty directory.
-    let r = command()
+    let r = llm_audit()
         .arg("verify")
         .current_dir(dir.path())
         .output()
@@ -1347,7 +1315,7 @@ fn export_into_a_closed_pipe_exits_0_quietly() {
     // About 2 MB of output: far more than a pipe holds, so the writes after `head` quits fail.
     let log = Log::with(false, minutes(0, 2000));
     for format in ["jsonl", "csv"] {
-        let mut child = command()
+        let mut child = llm_audit()
             .args(["export", "--format", format, "--db"])
             .arg(&log.db)
             .stdout(Stdio::piped())
@@ -1524,7 +1492,7 @@ fn export_streams_a_large_log_in_flat_memory() {
     let (log, generated) = bulk_log(ROWS);
     let total = ROWS as u64 + 3;
     for format in ["jsonl", "csv"] {
-        let mut cmd = command();
+        let mut cmd = llm_audit();
         cmd.args(["export", "--format", format, "--db"])
             .arg(&log.db);
         let m = measured(&mut cmd);
@@ -1918,7 +1886,7 @@ fn a_million_rows_verify_quickly_in_bounded_memory() {
     let total = ROWS as i64 + 3;
     let size = std::fs::metadata(&log.db).unwrap().len();
 
-    let mut cmd = command();
+    let mut cmd = llm_audit();
     cmd.arg("verify").arg("--db").arg(&log.db);
     let m = measured(&mut cmd);
     eprintln!(
@@ -1955,7 +1923,7 @@ fn a_million_rows_verify_quickly_in_bounded_memory() {
     .unwrap();
     let rid = request_id(&conn, row);
     drop(conn);
-    let mut cmd = command();
+    let mut cmd = llm_audit();
     cmd.arg("verify").arg("--db").arg(&log.db);
     let m = measured(&mut cmd);
     eprintln!(

@@ -4,6 +4,7 @@
 //! OpenAI Python SDK as the client.
 
 mod fake_upstream;
+mod support;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
@@ -16,8 +17,8 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use fake_upstream::{FakeUpstream, RecordedRequest, Reply, StreamScript};
+use support::llm_audit;
 
-const BIN: &str = env!("CARGO_BIN_EXE_llm-audit");
 const SDK_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk_check.py");
 const CLIENT_KEY: &str = "sk-proj-cLiEnTkEy0123456789abcdefABCDEFghij";
 const OTHER_KEY: &str = "sk-proj-uNkNoWnKeY0123456789abcdefABCDEFxyz";
@@ -32,19 +33,6 @@ const DEADLINE: Duration = Duration::from_secs(20);
 // Running the binary
 // ---------------------------------------------------------------------------------------------
 
-/// `llm-audit` with a clean environment: no inherited `LLM_AUDIT_*`, `OTEL_*` or `RUST_LOG`.
-fn command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k.starts_with("LLM_AUDIT_") || k.starts_with("OTEL_") || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
-
 /// A running `llm-audit serve`; killed if the test ends without stopping it.
 struct Serve {
     child: Child,
@@ -57,7 +45,7 @@ struct Serve {
 async fn serve(dir: &Path, upstream: &str, config: Option<&Path>, envs: &[(&str, &str)]) -> Serve {
     let stderr = dir.join("stderr.log");
     let db = dir.join("audit.db");
-    let mut cmd = command();
+    let mut cmd = llm_audit();
     cmd.args([
         "serve",
         "--listen",
@@ -149,10 +137,7 @@ impl Serve {
 
 impl Drop for Serve {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        support::reap(&mut self.child);
     }
 }
 
@@ -518,7 +503,7 @@ async fn sigterm_under_load_drains_in_flight_calls_and_loses_no_record() {
 // ---------------------------------------------------------------------------------------------
 
 fn check_config(config: Option<&Path>, envs: &[(&str, &str)]) -> Output {
-    let mut cmd = command();
+    let mut cmd = llm_audit();
     cmd.args(["serve", "--check-config"])
         .envs(envs.iter().copied());
     if let Some(c) = config {

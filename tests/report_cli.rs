@@ -7,6 +7,7 @@
 
 mod common;
 mod report_support;
+mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -20,9 +21,10 @@ use rusqlite::{Connection, OpenFlags, params};
 use serde_json::{Value, json};
 
 use report_support::{
-    Acc, HOUR_US, MINUTE_US, Rec, Row, Th, assert_json_eq, at, command, dollars, finding, findings,
+    Acc, HOUR_US, MINUTE_US, Rec, Row, Th, assert_json_eq, at, dollars, finding, findings,
     prompt_hash, repeated_hashes, report, report_json, rt, seed_price, sep, write_db,
 };
+use support::llm_audit;
 
 // ── The main fixture ────────────────────────────────────────────────────────────────────────
 
@@ -805,7 +807,7 @@ fn text_and_markdown_show_the_numbers_for_people() {
     let pico = |v: &Value| v["picousd"].as_str().unwrap().parse::<u128>().unwrap();
 
     // Text, with a terminal-ish environment but stdout a pipe: no colour.
-    let out = command()
+    let out = llm_audit()
         .arg("report")
         .arg("--db")
         .arg(&h.db)
@@ -1322,7 +1324,7 @@ fn the_seeds_queries_agree_with_the_report_on_a_log_written_by_the_proxy() {
 
     // `llm-audit demo`: the real `serve` proxy in front of the simulated upstream, with ten
     // users, eight models (one unknown), 429/500s, repeated prompts and one huge prompt.
-    let mut child = command()
+    let mut child = llm_audit()
         .args(["demo", "--duration", "3", "--rps", "40"])
         .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
         .arg("--db")
@@ -1480,8 +1482,8 @@ fn bulk_fill(db: &Path, rows: usize, mut each: impl FnMut(&BulkRow)) {
     tx.commit().unwrap();
 }
 
-/// Runs `cmd` with stdout to `out`, sampling the child's peak resident set (VmHWM, a high-water
-/// mark, so the last sample before exit is the peak up to then) every 2 ms.
+/// Runs `cmd` with stdout to `out`, sampling the child's peak resident set
+/// ([`support::wait_sampling_peak_rss`]).
 fn run_measured(cmd: &mut std::process::Command, out: &Path) -> (ExitStatus, Duration, u64) {
     let started = Instant::now();
     let mut child = cmd
@@ -1489,22 +1491,7 @@ fn run_measured(cmd: &mut std::process::Command, out: &Path) -> (ExitStatus, Dur
         .stderr(File::create(out.with_extension("err")).unwrap())
         .spawn()
         .unwrap();
-    let status_file = format!("/proc/{}/status", child.id());
-    let mut peak_kb = 0;
-    let status = loop {
-        if let Ok(s) = std::fs::read_to_string(&status_file)
-            && let Some(kb) = s
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        {
-            peak_kb = peak_kb.max(kb);
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    };
+    let (status, peak_kb) = support::wait_sampling_peak_rss(&mut child);
     (status, started.elapsed(), peak_kb)
 }
 
@@ -1541,7 +1528,7 @@ fn a_million_rows_report_correctly_in_bounded_memory() {
 
     let dir = h.dir.path();
     let out = dir.join("bulk.json");
-    let mut cmd = command();
+    let mut cmd = llm_audit();
     cmd.arg("report").arg("--db").arg(&h.db).args([
         "--since",
         BULK_DAY,
@@ -1553,7 +1540,7 @@ fn a_million_rows_report_correctly_in_bounded_memory() {
     let (status, took, peak_kb) = run_measured(&mut cmd, &out);
     let stderr = std::fs::read_to_string(out.with_extension("err")).unwrap_or_default();
     // For scale: the same binary reporting an empty period of the same file.
-    let mut idle = command();
+    let mut idle = llm_audit();
     idle.arg("report")
         .arg("--db")
         .arg(&h.db)

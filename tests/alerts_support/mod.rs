@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::support::{free_port, reap};
+
 // ---------------------------------------------------------------------------------------------
 // Tools
 // ---------------------------------------------------------------------------------------------
@@ -64,15 +66,6 @@ pub fn run(cmd: &mut Command) -> (bool, String, String) {
     )
 }
 
-/// A loopback port that was free a moment ago (for tools that cannot report a port 0 choice).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A child process with its output in a log file; killed when dropped.
 pub struct Proc {
     pub name: String,
@@ -113,10 +106,7 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        reap(&mut self.child);
     }
 }
 

@@ -4,14 +4,15 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+
+use super::support::{Lines, Reap, free_port, llm_audit, metrics_addr};
 
 // ---------------------------------------------------------------------------------------------
 // The dashboards as data
@@ -575,18 +576,6 @@ pub fn tool_available(tool: &str) -> bool {
     ok
 }
 
-/// Kills a child process when dropped (test failure included).
-pub struct Reap(pub Child);
-
-impl Drop for Reap {
-    fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// `GET path` over HTTP/1.0 (no chunked bodies); the status code and the body.
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -617,87 +606,49 @@ pub fn url_encode(s: &str) -> String {
     out
 }
 
-/// A loopback port free right now (the listener is closed before returning).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// `llm-audit demo` running as a child process, its stderr collected.
 pub struct Demo {
     /// Held only to be killed on drop.
     _process: Reap,
     pub metrics: SocketAddr,
     pub started: Instant,
-    stderr: Arc<Mutex<String>>,
+    stderr: Lines,
 }
 
 impl Demo {
     /// Starts the built binary's demo for `secs` seconds on loopback ports, the developer's
-    /// `LLM_AUDIT_*`/`OTEL_*` settings removed, and waits for its `metrics on` line.
+    /// settings removed ([`llm_audit`]), and waits for its `metrics on` line.
     pub fn start(secs: u32, rps: u32, db: &Path) -> Self {
-        let exe = env!("CARGO_BIN_EXE_llm-audit");
-        let mut cmd = Command::new(exe);
+        let mut cmd = llm_audit();
         cmd.args(["demo", "--duration", &secs.to_string(), "--rps"])
             .arg(rps.to_string())
             .args(["--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
             .arg("--db")
             .arg(db)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        for (k, _) in std::env::vars() {
-            if k.starts_with("LLM_AUDIT_") || k.starts_with("OTEL_") {
-                cmd.env_remove(k);
-            }
-        }
         let started = Instant::now();
         let mut child = Reap(cmd.spawn().unwrap());
-        let stderr = child.0.stderr.take().unwrap();
-        let collected = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = mpsc::channel::<String>();
-        let sink = collected.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push_str(&format!("{line}\n"));
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut metrics = None;
-        while metrics.is_none() && Instant::now() < deadline {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) => {
-                    metrics = line
-                        .strip_prefix("metrics on http://")
-                        .and_then(|rest| rest.strip_suffix("/metrics"))
-                        .and_then(|a| a.parse().ok());
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        let metrics = metrics.unwrap_or_else(|| {
-            panic!(
-                "the demo printed no `metrics on http://ADDR/metrics` line\n--- stderr\n{}",
-                collected.lock().unwrap()
-            )
-        });
+        let stderr = Lines::read(child.0.stderr.take().unwrap());
+        let metrics = stderr
+            .wait_for(Duration::from_secs(30), metrics_addr)
+            .unwrap_or_else(|| {
+                panic!(
+                    "the demo printed no `metrics on http://ADDR/metrics` line\n--- stderr\n{}",
+                    stderr.so_far()
+                )
+            });
         Self {
             _process: child,
             metrics,
             started,
-            stderr: collected,
+            stderr,
         }
     }
 
     /// What the demo printed on stderr so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.stderr.so_far()
     }
 
     /// The sample names of one scrape of `/metrics` (`x_bucket`, `x_sum`, … for histograms).

@@ -6,7 +6,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use chrono::{DateTime, Utc};
 use llm_audit::audit::{
@@ -16,28 +15,9 @@ use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
 use super::common;
-
-pub const BIN: &str = env!("CARGO_BIN_EXE_llm-audit");
+use super::support::llm_audit;
 
 // ── Running the binary ──────────────────────────────────────────────────────────────────────
-
-/// `llm-audit` with none of the developer's `LLM_AUDIT_*` (they would change the config),
-/// `OTEL_*`, `RUST_LOG` or `NO_COLOR` settings.
-pub fn command() -> Command {
-    let mut cmd = Command::new(BIN);
-    for (k, _) in std::env::vars_os() {
-        let k = k.to_string_lossy().into_owned();
-        if k.starts_with("LLM_AUDIT_")
-            || k.starts_with("OTEL_")
-            || k == "RUST_LOG"
-            || k == "NO_COLOR"
-        {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.stdin(Stdio::null());
-    cmd
-}
 
 /// What a finished `llm-audit report` left.
 #[derive(Debug)]
@@ -49,7 +29,7 @@ pub struct Run {
 
 /// `llm-audit report --db DB ARGS…`.
 pub fn report(db: &Path, args: &[&str]) -> Run {
-    let out = command()
+    let out = llm_audit()
         .arg("report")
         .arg("--db")
         .arg(db)
