@@ -125,10 +125,13 @@ pub struct ReportArgs {
 /// `llm-audit verify`.
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Audit database.
-    #[arg(long, env = "LLM_AUDIT_DB", default_value = "llm-audit.db")]
-    pub db: PathBuf,
-    /// The chain key the log was written with (`store.chain_key_file`), if any.
+    /// Audit database (default: [store] path of the configuration, ./llm-audit.db).
+    #[arg(long, env = "LLM_AUDIT_DB")]
+    pub db: Option<PathBuf>,
+    /// TOML configuration whose [store] names the database (and chain key) by default.
+    #[arg(long, env = "LLM_AUDIT_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// The chain key the log was written with (default: `store.chain_key_file`), if any.
     #[arg(long, env = "LLM_AUDIT_CHAIN_KEY_FILE")]
     pub chain_key_file: Option<PathBuf>,
 }
@@ -146,9 +149,12 @@ pub enum ExportFormat {
 /// `llm-audit export`.
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// Audit database.
-    #[arg(long, env = "LLM_AUDIT_DB", default_value = "llm-audit.db")]
-    pub db: PathBuf,
+    /// Audit database (default: [store] path of the configuration, ./llm-audit.db).
+    #[arg(long, env = "LLM_AUDIT_DB")]
+    pub db: Option<PathBuf>,
+    /// TOML configuration whose [store] names the database (and chain key) by default.
+    #[arg(long, env = "LLM_AUDIT_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Only rows at or after this time: 2026-11-26T10:00:00Z, 2026-11-26, or a duration ago (24h).
     #[arg(long, env = "LLM_AUDIT_SINCE")]
     pub since: Option<String>,
@@ -163,9 +169,12 @@ pub struct ExportArgs {
 /// `llm-audit prune`.
 #[derive(Debug, Args)]
 pub struct PruneArgs {
-    /// Audit database.
-    #[arg(long, env = "LLM_AUDIT_DB", default_value = "llm-audit.db")]
-    pub db: PathBuf,
+    /// Audit database (default: [store] path of the configuration, ./llm-audit.db).
+    #[arg(long, env = "LLM_AUDIT_DB")]
+    pub db: Option<PathBuf>,
+    /// TOML configuration whose [store] names the database (and chain key) by default.
+    #[arg(long, env = "LLM_AUDIT_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Delete rows older than this, e.g. 90d.
     #[arg(long, env = "LLM_AUDIT_OLDER_THAN")]
     pub older_than: crate::config::HumanDuration,

@@ -43,15 +43,25 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-/// Walks the chain of `conn` with a progress bar on a terminal.
-fn walk(conn: &Connection, key: Option<&Secret>) -> anyhow::Result<(ChainReport, Duration)> {
+/// Walks the chain of `conn` in one read snapshot, with a progress bar on a terminal. Returns
+/// the report, the time taken and the highest id the snapshot held (what was verified).
+fn walk(
+    conn: &Connection,
+    key: Option<&Secret>,
+) -> anyhow::Result<(ChainReport, Duration, Option<i64>)> {
+    let snapshot = conn.unchecked_transaction()?;
     let cp = Checkpoint::read(conn)?;
-    let total: i64 = conn.query_row(
-        "SELECT COUNT(*) FROM audit_logs WHERE id > ?1",
-        [cp.after_id],
-        |r| r.get(0),
-    )?;
-    let bar = progress_bar(total.max(0) as u64, "verifying");
+    // Counting costs a pass over the index: only for a progress bar someone watches.
+    let bar = if std::io::stderr().is_terminal() {
+        let total: i64 = conn.query_row(
+            "SELECT COUNT(*) FROM audit_logs WHERE id > ?1",
+            [cp.after_id],
+            |r| r.get(0),
+        )?;
+        progress_bar(total.max(0) as u64, "verifying")
+    } else {
+        None
+    };
     let started = Instant::now();
     let report = chain::verify_with_progress(conn, key, |n| {
         if let Some(b) = &bar {
@@ -61,16 +71,49 @@ fn walk(conn: &Connection, key: Option<&Secret>) -> anyhow::Result<(ChainReport,
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    Ok((report, started.elapsed()))
+    let last: Option<i64> = conn.query_row("SELECT MAX(id) FROM audit_logs", [], |r| r.get(0))?;
+    snapshot.commit()?;
+    Ok((report, started.elapsed(), last))
+}
+
+/// Refuses a log whose rows carry no chain (a seed-era database never opened by llm-audit).
+fn ensure_chained(conn: &Connection, db: &std::path::Path) -> anyhow::Result<()> {
+    let chained: bool = conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('audit_logs') WHERE name = 'record_hash'",
+        [],
+        |r| r.get(0),
+    )?;
+    anyhow::ensure!(
+        chained,
+        "{} has no hash chain (a database written before llm-audit); `llm-audit serve` upgrades \
+         it and chains every row written from then on",
+        db.display()
+    );
+    Ok(())
+}
+
+/// The database and chain key a command uses: its flags, else the configuration's `[store]`.
+fn store_paths(
+    config: Option<&std::path::Path>,
+    db: Option<std::path::PathBuf>,
+    key: Option<std::path::PathBuf>,
+) -> anyhow::Result<(std::path::PathBuf, Option<std::path::PathBuf>)> {
+    let cfg = crate::config::Config::load(config, std::env::vars())?;
+    Ok((
+        db.unwrap_or(cfg.store.path),
+        key.or(cfg.store.chain_key_file),
+    ))
 }
 
 /// `llm-audit verify`: exit 0 intact, 1 tampered, 2 could not check.
 pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
-    let key = read_key(args.chain_key_file.as_deref())?;
-    let conn = open_read_only(&args.db)?;
+    let (db, key_file) = store_paths(args.config.as_deref(), args.db, args.chain_key_file)?;
+    let key = read_key(key_file.as_deref())?;
+    let conn = open_read_only(&db)?;
+    ensure_chained(&conn, &db)?;
     let cp = Checkpoint::read(&conn)?;
-    let (report, took) = walk(&conn, key.as_ref())
-        .map_err(|e| anyhow::anyhow!("could not check {}: {e:#}", args.db.display()))?;
+    let (report, took, _) = walk(&conn, key.as_ref())
+        .map_err(|e| anyhow::anyhow!("could not check {}: {e:#}", db.display()))?;
     let mut out = std::io::stdout().lock();
     if cp.after_id > 0 {
         match &cp.pruned_at {
@@ -130,18 +173,23 @@ pub fn verify(args: VerifyArgs) -> anyhow::Result<ExitCode> {
 /// `llm-audit prune`: deletes the oldest rows, keeping the rest verifiable.
 pub fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
     let age = args.older_than.0;
-    let key = read_key(args.chain_key_file.as_deref())?;
-    // Opened read-write but never created: a typo must not leave an empty database behind.
-    open_read_only(&args.db)?;
-    let conn = Connection::open_with_flags(
-        &args.db,
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
-    conn.busy_timeout(Duration::from_secs(10))?;
-    schema::prepare(&conn, false)?;
+    let (db, key_file) = store_paths(args.config.as_deref(), args.db, args.chain_key_file)?;
+    let key = read_key(key_file.as_deref())?;
+    // Never created, never migrated: a typo must not leave an empty database behind, and a
+    // dry run must not change a byte.
+    let mut conn = open_read_only(&db)?;
+    ensure_chained(&conn, &db)?;
+    if !args.dry_run {
+        conn = Connection::open_with_flags(
+            &db,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+    }
 
-    // Never destroy the evidence of tampering: the chain must hold before anything goes.
-    let (report, _) = walk(&conn, key.as_ref())?;
+    // Never destroy the evidence of tampering: the chain must hold before anything goes — and
+    // only rows that this verification saw may go (the proxy may be appending meanwhile).
+    let (report, _, verified_upto) = walk(&conn, key.as_ref())?;
     if let Some(b) = report.first_break {
         println!(
             "refusing to prune: the chain is broken at row {} ({}); run `llm-audit verify`",
@@ -149,11 +197,12 @@ pub fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
         );
         return Ok(ExitCode::from(TAMPERED));
     }
-
     let now = chrono::Utc::now();
     let cutoff = crate::period::stamp(
-        now - chrono::Duration::from_std(age)
-            .map_err(|_| anyhow::anyhow!("--older-than is too long"))?,
+        chrono::Duration::from_std(age)
+            .ok()
+            .and_then(|d| now.checked_sub_signed(d))
+            .ok_or_else(|| anyhow::anyhow!("--older-than is too long"))?,
     );
     // Only a prefix of the chain can go: everything up to the first row that is young enough
     // (a long stream can finish after a newer call, so a few old rows may stay).
@@ -165,13 +214,11 @@ pub fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
         )
         .optional()?
         .flatten();
-    let last_id: Option<i64> =
-        conn.query_row("SELECT MAX(id) FROM audit_logs", [], |r| r.get(0))?;
-    let Some(last_id) = last_id else {
+    let Some(last_id) = verified_upto else {
         println!("nothing to prune: the audit log is empty");
         return Ok(ExitCode::SUCCESS);
     };
-    let upto = first_kept.map_or(last_id, |k| k - 1);
+    let upto = first_kept.map_or(last_id, |k| k - 1).min(last_id);
     let cp = Checkpoint::read(&conn)?;
     let lowest: Option<i64> = conn.query_row("SELECT MIN(id) FROM audit_logs", [], |r| r.get(0))?;
     if lowest.is_none_or(|l| l > upto) {
@@ -198,23 +245,13 @@ pub fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
     let mut from = lowest.unwrap_or(upto);
     while from <= upto {
         let to = (from + BATCH - 1).min(upto);
-        let tx = conn.unchecked_transaction()?;
-        if to > cp.after_id {
-            let anchor: String = tx.query_row(
-                "SELECT record_hash FROM audit_logs WHERE id <= ?1 ORDER BY id DESC LIMIT 1",
-                [to],
-                |r| r.get(0),
-            )?;
-            set_meta(&tx, schema::CHAIN_ANCHOR, &anchor)?;
-            set_meta(&tx, schema::CHAIN_START_AFTER, &to.to_string())?;
-        }
-        set_meta(&tx, schema::PRUNED_AT, &crate::period::stamp(now))?;
-        deleted += tx.execute(
-            "DELETE FROM audit_logs WHERE id >= ?1 AND id <= ?2",
-            params![from, to],
-        )? as i64;
-        tx.commit()?;
-        from = to + 1;
+        deleted += with_busy_retry(|| prune_batch(&mut conn, &cp, from, to, now))?;
+        // Jump over id gaps (a sparse log must not cost one transaction per missing id).
+        let next: Option<i64> =
+            conn.query_row("SELECT MIN(id) FROM audit_logs WHERE id > ?1", [to], |r| {
+                r.get(0)
+            })?;
+        from = next.unwrap_or(upto + 1).max(to + 1);
     }
     println!(
         "pruned {} rows older than {cutoff} (ids up to {upto}); the chain now starts after row {upto}",
@@ -222,9 +259,55 @@ pub fn prune(args: PruneArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "the file keeps its size until `sqlite3 {} 'VACUUM'`",
-        args.db.display()
+        db.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Deletes ids `from..=to` and moves the checkpoint past them, in one IMMEDIATE transaction:
+/// it takes the write lock before reading the anchor, so the proxy's writer committing in
+/// between cannot invalidate the read (which a deferred transaction reports as busy at once).
+fn prune_batch(
+    conn: &mut Connection,
+    cp: &Checkpoint,
+    from: i64,
+    to: i64,
+    now: chrono::DateTime<chrono::Utc>,
+) -> rusqlite::Result<i64> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if to > cp.after_id {
+        let anchor: String = tx.query_row(
+            "SELECT record_hash FROM audit_logs WHERE id <= ?1 ORDER BY id DESC LIMIT 1",
+            [to],
+            |r| r.get(0),
+        )?;
+        set_meta(&tx, schema::CHAIN_ANCHOR, &anchor)?;
+        set_meta(&tx, schema::CHAIN_START_AFTER, &to.to_string())?;
+    }
+    set_meta(&tx, schema::PRUNED_AT, &crate::period::stamp(now))?;
+    let n = tx.execute(
+        "DELETE FROM audit_logs WHERE id >= ?1 AND id <= ?2",
+        params![from, to],
+    )?;
+    tx.commit()?;
+    Ok(n as i64)
+}
+
+/// Retries `f` while SQLite reports the database busy beyond its busy timeout (a proxy under
+/// heavy load holds the write lock often), a few times with a short pause.
+fn with_busy_retry<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::Result<T> {
+    let mut tries = 0;
+    loop {
+        match f() {
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy && tries < 5 =>
+            {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
@@ -248,7 +331,8 @@ pub fn export(args: ExportArgs) -> anyhow::Result<ExitCode> {
         .as_deref()
         .map(|s| crate::period::parse_time(s, now).map(crate::period::stamp))
         .transpose()?;
-    let conn = open_read_only(&args.db)?;
+    let (db, _) = store_paths(args.config.as_deref(), args.db, None)?;
+    let conn = open_read_only(&db)?;
     let stdout = std::io::stdout().lock();
     match write_export(&conn, since, until, args.format, stdout) {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -273,12 +357,25 @@ fn write_export(
     format: ExportFormat,
     out: impl Write,
 ) -> anyhow::Result<()> {
-    let mut stmt = conn.prepare(
-        "SELECT * FROM audit_logs WHERE (?1 IS NULL OR timestamp >= ?1) \
-         AND (?2 IS NULL OR timestamp < ?2) ORDER BY id",
-    )?;
+    // Only the bounds given, so SQLite can range-scan the timestamp index for them.
+    let mut filter = Vec::new();
+    let mut bounds = Vec::new();
+    if let Some(since) = since {
+        filter.push("timestamp >= ?");
+        bounds.push(since);
+    }
+    if let Some(until) = until {
+        filter.push("timestamp < ?");
+        bounds.push(until);
+    }
+    let filter = if filter.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", filter.join(" AND "))
+    };
+    let mut stmt = conn.prepare(&format!("SELECT * FROM audit_logs{filter} ORDER BY id"))?;
     let names: Vec<String> = stmt.column_names().map(str::to_owned).collect();
-    let mut rows = stmt.query(params![since, until])?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(bounds))?;
     let mut out = BufWriter::with_capacity(64 * 1024, out);
     match format {
         ExportFormat::Jsonl => {

@@ -1946,3 +1946,117 @@ fn a_million_rows_verify_quickly_in_bounded_memory() {
     );
     assert!(m.peak_kb < RSS_LIMIT_KB, "verify used {} kB", m.peak_kb);
 }
+
+/// Review fixes: verification and pruning while the store keeps writing; a moved checkpoint;
+/// a row whose own `prev_hash` was edited; a dry run that changes nothing.
+#[test]
+fn verify_and_prune_under_a_live_writer_see_one_snapshot() {
+    let log = Log::plain(50);
+    let db = log.db.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (db, stop) = (db.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let cfg = StoreConfig {
+                path: db,
+                flush_interval: HumanDuration(Duration::from_millis(1)),
+                ..StoreConfig::default()
+            };
+            let metrics = Arc::new(Metrics::new(1000, 200, 100_000).unwrap());
+            let store = Store::open(&cfg, metrics).unwrap();
+            let mut i = 10_000;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (_, queued) = store.submit(record(i, Utc::now()));
+                assert!(queued.is_ok());
+                i += 1;
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            store.shutdown();
+            i - 10_000
+        })
+    };
+    // Rows committed while a walk runs are neither missed nor taken for a cut tail.
+    for _ in 0..8 {
+        let r = log.verify();
+        assert_eq!(r.code, Some(0), "{r:#?}");
+    }
+    // Prune under the writer: the old rows (from t0, long ago) go, busy moments are retried,
+    // and nothing the walk did not see is deleted.
+    let r = prune(&db, &["--older-than", "1d"]);
+    assert_eq!(r.code, Some(0), "{r:#?}");
+    assert!(r.stdout.contains("pruned 50 rows"), "{r:#?}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = writer.join().unwrap();
+    assert!(written > 0);
+    let r = log.verify();
+    assert_eq!(r.code, Some(0), "{r:#?}");
+    assert_eq!(count(&log.conn()), written as i64);
+}
+
+#[test]
+fn a_moved_checkpoint_is_tampering() {
+    let log = Log::plain(12);
+    // Moving the checkpoint over chained rows would hide an edit from verification.
+    let moved = log.copy("moved.db");
+    let conn = open(&moved);
+    conn.execute(
+        "INSERT OR REPLACE INTO llm_audit_meta (key, value) VALUES ('chain_start_after', '8')",
+        [],
+    )
+    .unwrap();
+    conn.execute("UPDATE audit_logs SET total_tokens = 1 WHERE id = 3", [])
+        .unwrap();
+    let r = verify(&moved, None);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(r.stdout.contains("checkpoint moved"), "{r:#?}");
+    // Far beyond every id ever assigned.
+    let beyond = log.copy("beyond.db");
+    open(&beyond)
+        .execute(
+            "INSERT OR REPLACE INTO llm_audit_meta (key, value) VALUES ('chain_start_after', '999999999')",
+            [],
+        )
+        .unwrap();
+    let r = verify(&beyond, None);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(r.stdout.contains("checkpoint moved"), "{r:#?}");
+    // A row slipped in below the chain (an id no real row gets).
+    let below = log.copy("below.db");
+    let conn = open(&below);
+    let mut forged = read(&conn, 5);
+    forged.request_id = "forged".into();
+    forged.prev_hash.clear();
+    forged.record_hash.clear();
+    put(&conn, -1, &forged);
+    let r = verify(&below, None);
+    assert_eq!(r.code, Some(1), "{r:#?}");
+    assert!(r.stdout.contains("checkpoint moved"), "{r:#?}");
+}
+
+#[test]
+fn an_edited_prev_hash_is_named_at_its_own_row() {
+    let log = Log::plain(10);
+    let conn = log.conn();
+    conn.execute(
+        "UPDATE audit_logs SET prev_hash = ?1 WHERE id = 6",
+        ["ab".repeat(32)],
+    )
+    .unwrap();
+    let r = log.verify();
+    assert_tampered(
+        &r,
+        6,
+        Some(&request_id(&conn, 6)),
+        "altered: row 6's contents",
+    );
+}
+
+#[test]
+fn a_dry_run_prune_changes_nothing() {
+    let (log, _) = two_hundred_days(false);
+    let before = std::fs::read(&log.db).unwrap();
+    let r = prune(&log.db, &["--older-than", "90d", "--dry-run"]);
+    assert_eq!(r.code, Some(0), "{r:#?}");
+    assert!(r.stdout.contains("would delete"), "{r:#?}");
+    assert_eq!(std::fs::read(&log.db).unwrap(), before);
+}

@@ -648,14 +648,26 @@ fn auth_failures_fire_above_the_limit() {
     let mut recs = Vec::new();
     for (k, n) in [(0i64, 20usize), (1, 21)] {
         for j in 0..n {
-            recs.push(Rec::failed(
-                at(DAY, k * HOUR_US + j as i64 * MINUTE_US),
-                "gpt-4.1",
-                &format!("auth {k} {j}"),
-                401,
-                Some("invalid api key"),
-            ));
+            recs.push(
+                Rec::failed(
+                    at(DAY, k * HOUR_US + j as i64 * MINUTE_US),
+                    "gpt-4.1",
+                    &format!("auth {k} {j}"),
+                    401,
+                    Some("invalid api key"),
+                )
+                .rejected(),
+            );
         }
+        // An upstream 401 (a bad key passed through) is a failed call, not a failed
+        // authentication at the proxy: it never counts here.
+        recs.push(Rec::failed(
+            at(DAY, k * HOUR_US + 59 * MINUTE_US),
+            "gpt-4.1",
+            &format!("upstream {k}"),
+            401,
+            Some("Incorrect API key provided"),
+        ));
     }
     let h = write_db(&recs);
     let r = report_json(
@@ -938,7 +950,7 @@ fn text_and_markdown_show_the_numbers_for_people() {
     let mut last = 0;
     for m in s["models"].as_array().unwrap() {
         let row = format!(
-            "| `{}` | {} | {} | {} |",
+            "| {} | {} | {} | {} |",
             m["model"].as_str().unwrap(),
             m["requests"],
             dollars(pico(&m["cost"])),

@@ -621,9 +621,18 @@ impl<'c> Queries<'c> {
                 ));
             }
         }
-        // …and failed authentications (401s answered by the proxy).
+        // …and failed authentications: 401s the proxy answered itself (never sent upstream,
+        // so no attempt), as `llm_audit_auth_failures_total` counts them. An upstream 401
+        // (a bad key passed through) is a failed call, not a failed authentication here.
+        let rejected = if self.has_ours {
+            " AND attempts = 0"
+        } else {
+            ""
+        };
         let auth: i64 = self.conn.query_row(
-            &format!("SELECT COUNT(*) FROM {from} WHERE {IN_PERIOD} AND status_code = 401"),
+            &format!(
+                "SELECT COUNT(*) FROM {from} WHERE {IN_PERIOD} AND status_code = 401{rejected}"
+            ),
             p,
             |r| r.get(0),
         )?;
@@ -751,8 +760,10 @@ pub fn run(args: crate::cli::ReportArgs) -> anyhow::Result<std::process::ExitCod
                 h.is_finite() && h > 0.0,
                 "--hours must be a positive number"
             );
-            let d = chrono::Duration::milliseconds((h * 3_600_000.0) as i64);
-            (now - d, None)
+            let since = chrono::Duration::try_milliseconds((h * 3_600_000.0) as i64)
+                .and_then(|d| now.checked_sub_signed(d))
+                .ok_or_else(|| anyhow::anyhow!("--hours {h} reaches before any date"))?;
+            (since, None)
         }
     };
     let until = match &args.until {
@@ -768,7 +779,10 @@ pub fn run(args: crate::cli::ReportArgs) -> anyhow::Result<std::process::ExitCod
         since: crate::period::stamp(since),
         until: until.map(crate::period::stamp),
         minutes: (end - since).num_milliseconds() as f64 / 60_000.0,
-        last_hour_since: crate::period::stamp(end - chrono::Duration::hours(1)),
+        last_hour_since: crate::period::stamp(
+            end.checked_sub_signed(chrono::Duration::hours(1))
+                .unwrap_or(end),
+        ),
     };
     let conn = open_read_only(&db)?;
     let report = build(

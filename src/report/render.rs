@@ -5,6 +5,24 @@ use std::fmt::Write as _;
 
 use super::{Money, Report};
 
+/// Text from the log (user ids, models, upstream error messages) as one inert line: control
+/// characters — newlines, and the escape sequences a terminal would obey — are shown escaped, so
+/// a crafted user id cannot forge report lines or hide others.
+pub fn inert(s: &str) -> String {
+    if !s.chars().any(char::is_control) {
+        return s.to_owned();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// `12345678` → `12,345,678`.
 pub fn thousands(n: impl Into<i128>) -> String {
     let n: i128 = n.into();
@@ -174,7 +192,7 @@ pub fn text(r: &Report, colour: bool) -> String {
         .iter()
         .map(|m| {
             vec![
-                m.model.clone(),
+                inert(&m.model),
                 thousands(m.requests),
                 usd(m.cost),
                 ms(m.avg_latency_ms),
@@ -207,7 +225,7 @@ pub fn text(r: &Report, colour: bool) -> String {
         let rows: Vec<Vec<String>> = s
             .top_users
             .iter()
-            .map(|u| vec![u.user_id.clone(), thousands(u.requests), usd(u.cost)])
+            .map(|u| vec![inert(&u.user_id), thousands(u.requests), usd(u.cost)])
             .collect();
         table(&mut out, "  ", &["user", "requests", "cost"], &rows);
     }
@@ -218,7 +236,7 @@ pub fn text(r: &Report, colour: bool) -> String {
     }
     for a in &r.anomalies {
         let _ = writeln!(out, "  {} {}", p.severity(a.severity), a.kind);
-        let _ = writeln!(out, "      {}", a.details);
+        let _ = writeln!(out, "      {}", inert(&a.details));
         let _ = writeln!(out, "      → {}", a.recommendation);
     }
     if !r.repeated_hashes.is_empty() {
@@ -242,7 +260,7 @@ pub fn text(r: &Report, colour: bool) -> String {
 }
 
 fn truncate(s: &str, max: usize) -> String {
-    let one_line = s.replace(['\n', '\r'], " ");
+    let one_line = inert(s);
     if one_line.chars().count() <= max {
         one_line
     } else {
@@ -250,6 +268,23 @@ fn truncate(s: &str, max: usize) -> String {
         t.push('…');
         t
     }
+}
+
+/// Text from the log made literal in Markdown: emphasis, code, links and HTML characters
+/// escaped (pipes are escaped per cell), so a model name or user id cannot inject markup
+/// into a ticket.
+fn md_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(
+            c,
+            '\\' | '`' | '*' | '_' | '[' | ']' | '<' | '>' | '~' | '#' | '!'
+        ) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// A Markdown table cell: pipes escaped, one line.
@@ -315,7 +350,7 @@ pub fn markdown(r: &Report) -> String {
         .iter()
         .map(|m| {
             vec![
-                format!("`{}`", m.model),
+                md_escape(&m.model),
                 thousands(m.requests),
                 usd(m.cost),
                 ms(m.avg_latency_ms),
@@ -335,7 +370,7 @@ pub fn markdown(r: &Report) -> String {
         let rows: Vec<Vec<String>> = s
             .errors
             .iter()
-            .map(|e| vec![e.error.clone(), thousands(e.count)])
+            .map(|e| vec![md_escape(&e.error), thousands(e.count)])
             .collect();
         md_table(&mut out, &["Error", "Count"], &[false, true], &rows);
     }
@@ -346,7 +381,7 @@ pub fn markdown(r: &Report) -> String {
         let rows: Vec<Vec<String>> = s
             .top_users
             .iter()
-            .map(|u| vec![u.user_id.clone(), thousands(u.requests), usd(u.cost)])
+            .map(|u| vec![md_escape(&u.user_id), thousands(u.requests), usd(u.cost)])
             .collect();
         md_table(
             &mut out,
@@ -365,7 +400,7 @@ pub fn markdown(r: &Report) -> String {
             "- **{}** `{}` — {}  \n  → {}",
             a.severity,
             a.kind,
-            cell(&a.details),
+            cell(&md_escape(&a.details)),
             a.recommendation
         );
     }
@@ -398,5 +433,16 @@ mod tests {
         assert_eq!(usd(Money(1_234_567_800_000_000)), "$1,234.5678");
         assert_eq!(usd(Money(4_200_000)), "$0.000004");
         assert_eq!(usd(Money(0)), "$0.0000");
+    }
+
+    #[test]
+    fn log_text_cannot_forge_lines_or_markup() {
+        assert_eq!(inert("alice"), "alice");
+        assert_eq!(inert("x\n  none \u{1b}[8m"), "x\\n  none \\u{1b}[8m");
+        assert_eq!(
+            md_escape("gpt`4 <img> [a](b) *x*"),
+            "gpt\\`4 \\<img\\> \\[a\\](b) \\*x\\*"
+        );
+        assert_eq!(cell("a|b\nc"), "a\\|b\\nc");
     }
 }

@@ -132,6 +132,8 @@ pub enum BreakKind {
     Unreadable,
     /// Rows are missing after the last one (the highest id ever assigned is beyond it).
     TailMissing,
+    /// The checkpoint does not fit the rows below it.
+    Checkpoint,
 }
 
 /// The likely tampering behind a break, worked out from where the broken link points.
@@ -161,6 +163,12 @@ pub enum Tamper {
     },
     /// The row does not read back as a record (a field holds an impossible value).
     Unreadable,
+    /// The checkpoint (where verification starts) does not fit the log: it was moved to hide
+    /// rows from verification, or rows were put below it.
+    Checkpoint {
+        /// What does not fit.
+        why: &'static str,
+    },
 }
 
 impl std::fmt::Display for Tamper {
@@ -184,6 +192,7 @@ impl std::fmt::Display for Tamper {
                 "reordered: the row links to row {links_to}, which comes after it"
             ),
             Self::Unreadable => write!(f, "unreadable: a field holds a value no record can have"),
+            Self::Checkpoint { why } => write!(f, "checkpoint moved: {why}"),
         }
     }
 }
@@ -257,10 +266,81 @@ pub fn verify(conn: &Connection, key: Option<&Secret>) -> rusqlite::Result<Chain
 pub fn verify_with_progress(
     conn: &Connection,
     key: Option<&Secret>,
+    progress: impl FnMut(u64),
+) -> rusqlite::Result<ChainReport> {
+    // One read snapshot for the checkpoint, the walk and the id sequence: rows the proxy
+    // commits meanwhile must not look like rows missing from the end.
+    let snapshot = conn
+        .is_autocommit()
+        .then(|| conn.unchecked_transaction())
+        .transpose()?;
+    let report = walk_chain(conn, key, progress)?;
+    if let Some(tx) = snapshot {
+        tx.commit()?;
+    }
+    Ok(report)
+}
+
+/// Rows at or below the checkpoint must be unchained rows of an upgraded seed database, and
+/// no more of them than the upgrade found: otherwise the checkpoint was moved over chained rows
+/// (hiding them from verification) or rows were slipped in below it.
+fn check_checkpoint(conn: &Connection, cp: &Checkpoint) -> rusqlite::Result<Option<&'static str>> {
+    let (below, chained_below): (i64, i64) = conn.query_row(
+        "SELECT COUNT(*), COALESCE(SUM(record_hash != '' OR prev_hash != ''), 0) \
+         FROM audit_logs WHERE id <= ?1",
+        [cp.after_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    if chained_below > 0 {
+        return Ok(Some(
+            "chained rows sit at or below it, out of verification's reach",
+        ));
+    }
+    let seed_rows: Option<i64> =
+        schema::meta(conn, schema::SEED_ROWS)?.and_then(|v| v.parse().ok());
+    let allowed = match (seed_rows, cp.pruned_at.is_some(), cp.after_id) {
+        (Some(n), _, _) => Some(n),
+        // Never upgraded from the seed and never pruned: nothing may sit below the chain.
+        (None, false, 0) => Some(0),
+        _ => None,
+    };
+    if allowed.is_some_and(|n| below > n) {
+        return Ok(Some(
+            "more unchained rows sit below it than the seed database had",
+        ));
+    }
+    let assigned: Option<i64> = conn
+        .query_row(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'audit_logs'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if cp.after_id > assigned.unwrap_or(0) {
+        return Ok(Some("it lies beyond the highest id the log ever assigned"));
+    }
+    Ok(None)
+}
+
+fn walk_chain(
+    conn: &Connection,
+    key: Option<&Secret>,
     mut progress: impl FnMut(u64),
 ) -> rusqlite::Result<ChainReport> {
     let cp = Checkpoint::read(conn)?;
     let start = cp.after_id;
+    if let Some(why) = check_checkpoint(conn, &cp)? {
+        return Ok(ChainReport {
+            rows: 0,
+            chain_start_after: start,
+            first_break: Some(ChainBreak {
+                row_id: start,
+                request_id: String::new(),
+                kind: BreakKind::Checkpoint,
+                tamper: Tamper::Checkpoint { why },
+            }),
+        });
+    }
     let mut stmt = conn.prepare(&format!(
         "{} WHERE id > ?1 ORDER BY id",
         schema::select_sql()
@@ -303,6 +383,14 @@ pub fn verify_with_progress(
         };
         if let Some(kind) = kind {
             let tamper = match kind {
+                // A row whose own link does not hash was edited itself (its prev_hash
+                // included); only a self-consistent row points at a problem before it.
+                BreakKind::PrevMismatch
+                    if link_hash(&record.prev_hash, &canonical_bytes(&record), key)
+                        != record.record_hash =>
+                {
+                    Tamper::Altered { row_id: id }
+                }
                 BreakKind::PrevMismatch => diagnose_link(
                     conn,
                     &cp,

@@ -98,10 +98,17 @@ fn upgrade_seed_table(conn: &Connection) -> rusqlite::Result<()> {
                 conn.execute_batch(&format!("ALTER TABLE audit_logs ADD COLUMN {name} {ty}"))?;
             }
         }
+        // The chain starts after every id the seed ever assigned (deleted tail rows included).
         conn.execute(
             "INSERT OR REPLACE INTO llm_audit_meta (key, value) \
-             SELECT ?1, CAST(COALESCE(MAX(id), 0) AS TEXT) FROM audit_logs",
+             SELECT ?1, CAST(MAX(COALESCE((SELECT MAX(id) FROM audit_logs), 0), \
+             COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'audit_logs'), 0)) AS TEXT)",
             [CHAIN_START_AFTER],
+        )?;
+        conn.execute(
+            "INSERT OR REPLACE INTO llm_audit_meta (key, value) \
+             SELECT ?1, CAST(COUNT(*) AS TEXT) FROM audit_logs",
+            [SEED_ROWS],
         )?;
         Ok(())
     };
@@ -117,6 +124,8 @@ fn upgrade_seed_table(conn: &Connection) -> rusqlite::Result<()> {
 /// Meta key: the `prev_hash` the first row after `chain_start_after` links to (the
 /// `record_hash` of the last pruned row; absent means GENESIS).
 pub const CHAIN_ANCHOR: &str = "chain_anchor";
+/// Meta key: how many rows an upgraded seed table had (they sit below the chain, unchained).
+pub const SEED_ROWS: &str = "seed_rows";
 /// Meta key: when the log was last pruned (UTC, the record timestamp format).
 pub const PRUNED_AT: &str = "pruned_at";
 

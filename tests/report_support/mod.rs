@@ -172,6 +172,8 @@ pub struct Rec {
     pub usage: bool,
     /// Unknown models priced at the fallback rate (`false`: no fallback, `unpriced`).
     pub fallback: bool,
+    /// Answered by the proxy itself, never sent upstream (`attempts` 0), like its 401s.
+    pub rejected: bool,
 }
 
 impl Rec {
@@ -189,6 +191,7 @@ impl Rec {
             error: None,
             usage: true,
             fallback: true,
+            rejected: false,
         }
     }
 
@@ -202,6 +205,12 @@ impl Rec {
             usage: false,
             ..Self::ok(ts, model, prompt, 0, 0)
         }
+    }
+
+    /// The proxy answered this call itself (no upstream attempt).
+    pub fn rejected(mut self) -> Self {
+        self.rejected = true;
+        self
     }
 
     pub fn user(mut self, user: &str) -> Self {
@@ -310,7 +319,7 @@ impl Rec {
             outcome: if failed { Outcome::Error } else { Outcome::Ok },
             ttft_ms: None,
             key_id: None,
-            attempts: 1,
+            attempts: if self.rejected { 0 } else { 1 },
             trace_id: None,
             span_id: None,
             cost_picousd: i64::try_from(cost.picousd).unwrap(),
