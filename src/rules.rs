@@ -61,6 +61,10 @@ pub struct Anomaly {
     pub name: &'static str,
     /// The `severity` label.
     pub severity: Severity,
+    /// The `component` label: what part of the system the anomaly is about. Alertmanager
+    /// silences a warning while a critical alert of the same component fires (its page already
+    /// covers it): `traffic`, `cost`, `pipeline` or `tracing`.
+    pub component: &'static str,
     /// The `recommendation` annotation (the seed's advice, in English).
     pub recommendation: &'static str,
 }
@@ -70,6 +74,7 @@ pub const HIGH_REQUEST_RATE: Anomaly = Anomaly {
     alert: "LlmAuditHighRequestRate",
     name: "HIGH_REQUEST_RATE",
     severity: Severity::Warning,
+    component: "traffic",
     recommendation: "Apply rate limiting per client IP or key; check for a runaway loop or a leaked key.",
 };
 /// Failed / all over the threshold, above the low-volume guard.
@@ -77,6 +82,7 @@ pub const HIGH_FAILURE_RATE: Anomaly = Anomaly {
     alert: "LlmAuditHighFailureRatio",
     name: "HIGH_FAILURE_RATE",
     severity: Severity::Critical,
+    component: "traffic",
     recommendation: "Check the API key's validity and the upstream endpoint's reachability.",
 };
 /// Cost of the last hour over the threshold.
@@ -84,6 +90,7 @@ pub const COST_OVERRUN: Anomaly = Anomaly {
     alert: "LlmAuditCostOverrun",
     name: "COST_OVERRUN",
     severity: Severity::Critical,
+    component: "cost",
     recommendation: "Tighten max_tokens limits and review the choice of models.",
 };
 /// One request over the token threshold.
@@ -91,6 +98,7 @@ pub const EXCESSIVE_TOKEN_USAGE: Anomaly = Anomaly {
     alert: "LlmAuditExcessiveTokens",
     name: "EXCESSIVE_TOKEN_USAGE",
     severity: Severity::Warning,
+    component: "cost",
     recommendation: "Set per-user token quotas.",
 };
 /// The same prompt sent again and again.
@@ -98,6 +106,7 @@ pub const REPEATED_REQUESTS: Anomaly = Anomaly {
     alert: "LlmAuditRepeatedRequests",
     name: "REPEATED_REQUESTS",
     severity: Severity::Info,
+    component: "traffic",
     recommendation: "Cache repeated requests or add duplicate prevention on the client side.",
 };
 /// Calls priced at the fallback rate or not at all.
@@ -105,6 +114,7 @@ pub const UNPRICED_MODEL: Anomaly = Anomaly {
     alert: "LlmAuditUnpricedModel",
     name: "UNPRICED_MODEL",
     severity: Severity::Warning,
+    component: "cost",
     recommendation: "Add the model to the price table ([pricing] file) so its cost is exact.",
 };
 /// Failed authentications over the threshold.
@@ -112,6 +122,7 @@ pub const AUTH_FAILURES: Anomaly = Anomaly {
     alert: "LlmAuditAuthFailures",
     name: "AUTH_FAILURES",
     severity: Severity::Warning,
+    component: "traffic",
     recommendation: "Find the client presenting unknown keys (ip_address in the audit log); rotate a leaked key.",
 };
 /// Audit records lost.
@@ -119,6 +130,7 @@ pub const RECORDS_DROPPED: Anomaly = Anomaly {
     alert: "LlmAuditRecordsDropped",
     name: "RECORDS_DROPPED",
     severity: Severity::Critical,
+    component: "pipeline",
     recommendation: "Check the audit store (disk space, permissions, queue_capacity); consider on_store_failure = \"reject\".",
 };
 /// The audit store failing to write.
@@ -126,6 +138,7 @@ pub const STORE_FAILING: Anomaly = Anomaly {
     alert: "LlmAuditStoreFailing",
     name: "STORE_FAILING",
     severity: Severity::Critical,
+    component: "pipeline",
     recommendation: "Check the audit database's disk, permissions and the proxy's log for the SQLite error.",
 };
 /// Spans not reaching the trace backend.
@@ -133,6 +146,7 @@ pub const SPAN_EXPORT_FAILING: Anomaly = Anomaly {
     alert: "LlmAuditSpanExportFailing",
     name: "SPAN_EXPORT_FAILING",
     severity: Severity::Warning,
+    component: "tracing",
     recommendation: "Check the OTLP endpoint (OTEL_EXPORTER_OTLP_ENDPOINT) and the collector's health.",
 };
 /// llm-audit not scraped.
@@ -140,6 +154,7 @@ pub const EXPORTER_DOWN: Anomaly = Anomaly {
     alert: "LlmAuditExporterDown",
     name: "EXPORTER_DOWN",
     severity: Severity::Critical,
+    component: "pipeline",
     recommendation: "Check that llm-audit runs and that Prometheus reaches its metrics listener.",
 };
 
@@ -423,6 +438,7 @@ pub fn render(t: &ThresholdsConfig, runbook: &str) -> Result<String, ThresholdEr
         let _ = writeln!(out, "        labels:");
         let _ = writeln!(out, "          severity: {}", a.severity.label());
         let _ = writeln!(out, "          anomaly: {}", a.name);
+        let _ = writeln!(out, "          component: {}", a.component);
         let _ = writeln!(out, "        annotations:");
         let _ = writeln!(out, "          summary: {}", quoted(&r.summary));
         let _ = writeln!(out, "          description: {}", quoted(&r.description));

@@ -414,9 +414,9 @@ fn alertmanager_config_is_valid_routes_by_severity_and_keeps_secrets_in_files() 
         .and_then(|rest| rest.split("\nreceivers:").next())
         .expect("an inhibit_rules section before receivers");
     for expected in [
-        r#"- source_matchers: ['severity="critical"', 'anomaly=~".+"']"#,
+        r#"- source_matchers: ['severity="critical"', 'component=~".+"']"#,
         r#"target_matchers: ['severity="warning"']"#,
-        "equal: [anomaly]",
+        "equal: [component]",
         r#"- source_matchers: ['alertname="LlmAuditExporterDown"']"#,
         r#"target_matchers: ['alertname=~"LlmAudit.+"', 'alertname!="LlmAuditExporterDown"']"#,
     ] {
@@ -524,18 +524,24 @@ async fn alertmanager_inhibits_warnings_by_their_critical_and_everything_by_expo
         json!([
             alert(
                 "LlmAuditHighFailureRatio",
-                json!({"severity": "critical", "anomaly": "HIGH_FAILURE_RATE"})
+                json!({"severity": "critical", "anomaly": "HIGH_FAILURE_RATE", "component": "traffic"})
             ),
-            // A warning about the same anomaly (e.g. a lower tier): silenced by the critical.
+            // Warnings about the same component: silenced by the critical's page.
             alert(
-                "LlmAuditHighFailureRatioWarning",
-                json!({"severity": "warning", "anomaly": "HIGH_FAILURE_RATE"})
+                "LlmAuditAuthFailures",
+                json!({"severity": "warning", "anomaly": "AUTH_FAILURES", "component": "traffic"})
             ),
+            alert(
+                "LlmAuditHighRequestRate",
+                json!({"severity": "warning", "anomaly": "HIGH_REQUEST_RATE", "component": "traffic"})
+            ),
+            // A warning about another component: not silenced.
             alert(
                 "LlmAuditExcessiveTokens",
-                json!({"severity": "warning", "anomaly": "EXCESSIVE_TOKEN_USAGE", "user": "alice"})
+                json!({"severity": "warning", "anomaly": "EXCESSIVE_TOKEN_USAGE",
+                       "component": "cost", "user": "alice"})
             ),
-            // Alerts of other systems sharing the Alertmanager, without an anomaly label: a
+            // Alerts of other systems sharing the Alertmanager, without a component label: a
             // critical one must not silence every warning that lacks the label too.
             alert("OtherTeamCritical", json!({"severity": "critical"})),
             alert("OtherTeamWarning", json!({"severity": "warning"})),
@@ -544,7 +550,8 @@ async fn alertmanager_inhibits_warnings_by_their_critical_and_everything_by_expo
     .await;
     let mut want: BTreeMap<String, String> = [
         ("LlmAuditHighFailureRatio", "active"),
-        ("LlmAuditHighFailureRatioWarning", "suppressed"),
+        ("LlmAuditAuthFailures", "suppressed"),
+        ("LlmAuditHighRequestRate", "suppressed"),
         ("LlmAuditExcessiveTokens", "active"),
         ("OtherTeamCritical", "active"),
         ("OtherTeamWarning", "active"),
@@ -558,7 +565,7 @@ async fn alertmanager_inhibits_warnings_by_their_critical_and_everything_by_expo
         &base,
         json!([alert(
             "LlmAuditExporterDown",
-            json!({"severity": "critical", "anomaly": "EXPORTER_DOWN",
+            json!({"severity": "critical", "anomaly": "EXPORTER_DOWN", "component": "pipeline",
                    "job": "llm-audit", "instance": "127.0.0.1:9464"})
         )]),
     )
@@ -851,7 +858,7 @@ async fn live_proxy_prometheus_alertmanager_notify_the_right_receivers() {
     assert_eq!(
         page["labels"],
         json!({"alertname": "LlmAuditHighFailureRatio", "severity": "critical",
-               "anomaly": "HIGH_FAILURE_RATE"})
+               "anomaly": "HIGH_FAILURE_RATE", "component": "traffic"})
     );
     let notes = &page["annotations"];
     assert_eq!(notes["summary"], "Most LLM API calls are failing");
