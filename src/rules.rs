@@ -157,9 +157,18 @@ pub const EXPORTER_DOWN: Anomaly = Anomaly {
     component: "pipeline",
     recommendation: "Check that llm-audit runs and that Prometheus reaches its metrics listener.",
 };
+/// The running proxy's token threshold differs from the rules': the excessive-tokens rule
+/// reads a histogram bucket that does not exist and could never fire.
+pub const THRESHOLD_MISMATCH: Anomaly = Anomaly {
+    alert: "LlmAuditThresholdMismatch",
+    name: "THRESHOLD_MISMATCH",
+    severity: Severity::Warning,
+    component: "pipeline",
+    recommendation: "Render the rules from the proxy's own configuration: llm-audit rules --config <the proxy's file>.",
+};
 
 /// Every anomaly the rules know, in the order they are rendered.
-pub const ANOMALIES: [Anomaly; 11] = [
+pub const ANOMALIES: [Anomaly; 12] = [
     HIGH_REQUEST_RATE,
     HIGH_FAILURE_RATE,
     COST_OVERRUN,
@@ -171,6 +180,7 @@ pub const ANOMALIES: [Anomaly; 11] = [
     STORE_FAILING,
     SPAN_EXPORT_FAILING,
     EXPORTER_DOWN,
+    THRESHOLD_MISMATCH,
 ];
 
 /// Thresholds that cannot be rendered into a meaningful rule.
@@ -403,6 +413,22 @@ fn rules(t: &ThresholdsConfig) -> Vec<Rule> {
                 "Prometheus cannot scrape job {JOB} ({{{{ with $labels.instance }}}}{{{{ . }}}}\
                  {{{{ else }}}}no target at all{{{{ end }}}}); no other llm-audit alert can fire \
                  while it is down."
+            ),
+        },
+        Rule {
+            anomaly: THRESHOLD_MISMATCH,
+            // Per instance: a replica with no user series yet has nothing to compare.
+            expr: format!(
+                "count by (job, instance) ({tokens_sel}_bucket)\nunless on (job, instance)\n\
+                 count by (job, instance) ({tokens_sel}_bucket{{{le}}})"
+            ),
+            for_: Some("10m"),
+            summary: "llm-audit runs with another token threshold than its alert rules".into(),
+            description: format!(
+                "{{{{ $labels.instance }}}} exports no request-size bucket at {} tokens: it runs \
+                 with a different max_tokens_per_request than these rules were rendered with, so \
+                 LlmAuditExcessiveTokens cannot fire for it.",
+                t.max_tokens_per_request
             ),
         },
     ]

@@ -238,7 +238,10 @@ fn thresholds_from_a_config_file_change_exactly_their_rules() {
     for ((name, old), (_, new)) in default.iter().zip(&changed) {
         // What each line must become: the two thresholds, nothing else.
         let expect: Vec<String> = match name.as_str() {
-            "LlmAuditExcessiveTokens" => old.iter().map(|l| l.replace("100000", "50000")).collect(),
+            // Both read the bucket at the token threshold.
+            "LlmAuditExcessiveTokens" | "LlmAuditThresholdMismatch" => {
+                old.iter().map(|l| l.replace("100000", "50000")).collect()
+            }
             "LlmAuditHighRequestRate" => old
                 .iter()
                 .map(|l| {
@@ -260,8 +263,12 @@ fn thresholds_from_a_config_file_change_exactly_their_rules() {
         if name == "LlmAuditHighRequestRate" {
             assert!(new.iter().any(|l| l.trim() == "/ 5 > 250"), "{new:#?}");
         }
-        let changes =
-            ["LlmAuditExcessiveTokens", "LlmAuditHighRequestRate"].contains(&name.as_str());
+        let changes = [
+            "LlmAuditExcessiveTokens",
+            "LlmAuditHighRequestRate",
+            "LlmAuditThresholdMismatch",
+        ]
+        .contains(&name.as_str());
         assert_eq!(changes, old != new, "{name:?} changes");
     }
 }
