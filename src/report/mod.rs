@@ -42,6 +42,26 @@ pub struct Period {
     pub last_hour_since: String,
 }
 
+impl Period {
+    /// From `since` to `until` (`None`: up to `now`, with no upper bound in the queries).
+    pub fn new(
+        since: chrono::DateTime<chrono::Utc>,
+        until: Option<chrono::DateTime<chrono::Utc>>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Self {
+        let end = until.unwrap_or(now);
+        Self {
+            since: crate::period::stamp(since),
+            until: until.map(crate::period::stamp),
+            minutes: (end - since).num_milliseconds() as f64 / 60_000.0,
+            last_hour_since: crate::period::stamp(
+                end.checked_sub_signed(chrono::Duration::hours(1))
+                    .unwrap_or(end),
+            ),
+        }
+    }
+}
+
 /// A report of one period.
 #[derive(Clone, Debug, Serialize)]
 pub struct Report {
@@ -770,20 +790,11 @@ pub fn run(args: crate::cli::ReportArgs) -> anyhow::Result<std::process::ExitCod
         Some(u) => Some(crate::period::parse_time(u, now)?),
         None => until,
     };
-    let end = until.unwrap_or(now);
     anyhow::ensure!(
-        since < end,
+        since < until.unwrap_or(now),
         "the period is empty: --since must be before --until"
     );
-    let period = Period {
-        since: crate::period::stamp(since),
-        until: until.map(crate::period::stamp),
-        minutes: (end - since).num_milliseconds() as f64 / 60_000.0,
-        last_hour_since: crate::period::stamp(
-            end.checked_sub_signed(chrono::Duration::hours(1))
-                .unwrap_or(end),
-        ),
-    };
+    let period = Period::new(since, until, now);
     let conn = open_read_only(&db)?;
     let report = build(
         &conn,

@@ -75,8 +75,10 @@ fn human_minutes(m: f64) -> String {
         format!("{} h", m / 60.0)
     } else if m >= 60.0 {
         format!("{:.1} h", m / 60.0)
-    } else {
+    } else if m >= 1.0 {
         format!("{m:.0} min")
+    } else {
+        format!("{:.1} s", m * 60.0)
     }
 }
 
