@@ -78,13 +78,8 @@ fn walk(
 
 /// Refuses a log whose rows carry no chain (a seed-era database never opened by llm-audit).
 fn ensure_chained(conn: &Connection, db: &std::path::Path) -> anyhow::Result<()> {
-    let chained: bool = conn.query_row(
-        "SELECT COUNT(*) > 0 FROM pragma_table_info('audit_logs') WHERE name = 'record_hash'",
-        [],
-        |r| r.get(0),
-    )?;
     anyhow::ensure!(
-        chained,
+        schema::has_column(conn, "record_hash")?,
         "{} has no hash chain (a database written before llm-audit); `llm-audit serve` upgrades \
          it and chains every row written from then on",
         db.display()
@@ -281,10 +276,10 @@ fn prune_batch(
             [to],
             |r| r.get(0),
         )?;
-        set_meta(&tx, schema::CHAIN_ANCHOR, &anchor)?;
-        set_meta(&tx, schema::CHAIN_START_AFTER, &to.to_string())?;
+        schema::set_meta(&tx, schema::CHAIN_ANCHOR, &anchor)?;
+        schema::set_meta(&tx, schema::CHAIN_START_AFTER, &to.to_string())?;
     }
-    set_meta(&tx, schema::PRUNED_AT, &crate::period::stamp(now))?;
+    schema::set_meta(&tx, schema::PRUNED_AT, &crate::period::stamp(now))?;
     let n = tx.execute(
         "DELETE FROM audit_logs WHERE id >= ?1 AND id <= ?2",
         params![from, to],
@@ -308,14 +303,6 @@ fn with_busy_retry<T>(mut f: impl FnMut() -> rusqlite::Result<T>) -> rusqlite::R
             other => return other,
         }
     }
-}
-
-fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
-    conn.execute(
-        "INSERT OR REPLACE INTO llm_audit_meta (key, value) VALUES (?1, ?2)",
-        params![key, value],
-    )
-    .map(|_| ())
 }
 
 /// `llm-audit export`: every column of every row in the period, in id order, streamed.

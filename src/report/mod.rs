@@ -16,11 +16,12 @@ pub mod render;
 
 use std::path::Path;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension as _, params};
+use rusqlite::{Connection, OpenFlags, params};
 use serde::Serialize;
 
 use crate::config::ThresholdsConfig;
 use crate::rules::{self, Anomaly};
+use crate::store::schema;
 
 /// Most error messages listed (the seed's 10).
 pub const TOP_ERRORS: usize = 10;
@@ -262,28 +263,12 @@ pub fn open_read_only(path: &Path) -> Result<Connection, OpenError> {
     )
     .map_err(|e| not_log(e.to_string()))?;
     let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
-    let has_table: Option<i64> = conn
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'audit_logs'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()
+    let has_table = crate::store::schema::exists(&conn, "table", "audit_logs")
         .map_err(|e| not_log(e.to_string()))?;
-    if has_table.is_none() {
+    if !has_table {
         return Err(not_log("it has no audit_logs table".into()));
     }
     Ok(conn)
-}
-
-/// Does `audit_logs` have this column (a seed-era database lacks ours)?
-fn has_column(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
-    conn.query_row(
-        "SELECT COUNT(*) FROM pragma_table_info('audit_logs') WHERE name = ?1",
-        [name],
-        |r| r.get::<_, i64>(0),
-    )
-    .map(|n| n > 0)
 }
 
 /// Reads the whole report from `conn`.
@@ -335,18 +320,14 @@ const END_OF_TIME: &str = "9999-12-31T23:59:59.999999Z";
 
 impl<'c> Queries<'c> {
     fn new(conn: &'c Connection, period: &'c Period) -> rusqlite::Result<Self> {
-        let has_ours = has_column(conn, "cost_picousd")?;
+        let has_ours = schema::has_column(conn, "cost_picousd")?;
         let cost = if has_ours {
             "(CASE WHEN cost_picousd = 0 AND cost_usd > 0 \
              THEN CAST(ROUND(cost_usd * 1e12) AS INTEGER) ELSE cost_picousd END)"
         } else {
             "CAST(ROUND(COALESCE(cost_usd, 0) * 1e12) AS INTEGER)"
         };
-        let has_time_index: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'index' AND name = 'idx_timestamp'",
-            [],
-            |r| r.get(0),
-        )?;
+        let has_time_index = schema::exists(conn, "index", "idx_timestamp")?;
         Ok(Self {
             conn,
             period,

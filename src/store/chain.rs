@@ -212,12 +212,7 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Reads the checkpoint from the log's meta table.
     pub fn read(conn: &Connection) -> rusqlite::Result<Self> {
-        let has_meta: bool = conn.query_row(
-            "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = 'llm_audit_meta'",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_meta {
+        if !schema::exists(conn, "table", "llm_audit_meta")? {
             return Ok(Self {
                 after_id: 0,
                 anchor: GENESIS.to_owned(),
@@ -309,14 +304,7 @@ fn check_checkpoint(conn: &Connection, cp: &Checkpoint) -> rusqlite::Result<Opti
             "more unchained rows sit below it than the seed database had",
         ));
     }
-    let assigned: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'audit_logs'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
-    if cp.after_id > assigned.unwrap_or(0) {
+    if cp.after_id > schema::highest_assigned_id(conn)?.unwrap_or(0) {
         return Ok(Some("it lies beyond the highest id the log ever assigned"));
     }
     Ok(None)
@@ -416,15 +404,8 @@ fn walk_chain(
     progress(count);
     // Rows deleted from the end leave every remaining link intact; AUTOINCREMENT's record of
     // the highest id ever assigned still shows them.
-    let assigned: Option<i64> = conn
-        .query_row(
-            "SELECT seq FROM sqlite_sequence WHERE name = 'audit_logs'",
-            [],
-            |r| r.get(0),
-        )
-        .optional()?;
     let last = prev_id.unwrap_or(start);
-    if let Some(seq) = assigned.filter(|&seq| seq > last) {
+    if let Some(seq) = schema::highest_assigned_id(conn)?.filter(|&seq| seq > last) {
         return Ok(report(
             count,
             Some(ChainBreak {

@@ -98,18 +98,14 @@ fn upgrade_seed_table(conn: &Connection) -> rusqlite::Result<()> {
                 conn.execute_batch(&format!("ALTER TABLE audit_logs ADD COLUMN {name} {ty}"))?;
             }
         }
+        let (rows, max_id): (i64, Option<i64>) =
+            conn.query_row("SELECT COUNT(*), MAX(id) FROM audit_logs", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })?;
         // The chain starts after every id the seed ever assigned (deleted tail rows included).
-        conn.execute(
-            "INSERT OR REPLACE INTO llm_audit_meta (key, value) \
-             SELECT ?1, CAST(MAX(COALESCE((SELECT MAX(id) FROM audit_logs), 0), \
-             COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'audit_logs'), 0)) AS TEXT)",
-            [CHAIN_START_AFTER],
-        )?;
-        conn.execute(
-            "INSERT OR REPLACE INTO llm_audit_meta (key, value) \
-             SELECT ?1, CAST(COUNT(*) AS TEXT) FROM audit_logs",
-            [SEED_ROWS],
-        )?;
+        let start = max_id.max(highest_assigned_id(conn)?).unwrap_or(0);
+        set_meta(conn, CHAIN_START_AFTER, &start.to_string())?;
+        set_meta(conn, SEED_ROWS, &rows.to_string())?;
         Ok(())
     };
     match upgrade() {
@@ -128,6 +124,43 @@ pub const CHAIN_ANCHOR: &str = "chain_anchor";
 pub const SEED_ROWS: &str = "seed_rows";
 /// Meta key: when the log was last pruned (UTC, the record timestamp format).
 pub const PRUNED_AT: &str = "pruned_at";
+
+/// Does the database hold a table or index (`kind`) of this name?
+pub fn exists(conn: &Connection, kind: &str, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) > 0 FROM sqlite_master WHERE type = ?1 AND name = ?2",
+        [kind, name],
+        |r| r.get(0),
+    )
+}
+
+/// Does `audit_logs` have this column (a seed-era table lacks ours)?
+pub fn has_column(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info('audit_logs') WHERE name = ?1",
+        [name],
+        |r| r.get(0),
+    )
+}
+
+/// The highest `id` `audit_logs` ever assigned (AUTOINCREMENT remembers it after deletions).
+pub fn highest_assigned_id(conn: &Connection) -> rusqlite::Result<Option<i64>> {
+    conn.query_row(
+        "SELECT seq FROM sqlite_sequence WHERE name = 'audit_logs'",
+        [],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Sets a value of the meta table.
+pub fn set_meta(conn: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR REPLACE INTO llm_audit_meta (key, value) VALUES (?1, ?2)",
+        params![key, value],
+    )
+    .map(|_| ())
+}
 
 /// A value of the meta table.
 pub fn meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
