@@ -3,7 +3,7 @@
 
 use std::fmt::Write as _;
 
-use super::{Money, Report};
+use super::{Money, Report, Stats};
 
 /// Text from the log (user ids, models, upstream error messages) as one inert line: control
 /// characters — newlines, and the escape sequences a terminal would obey — are shown escaped, so
@@ -189,34 +189,18 @@ pub fn text(r: &Report, colour: bool) -> String {
     }
     out.push('\n');
     let _ = writeln!(out, "{}", p.bold("Per model"));
-    let rows: Vec<Vec<String>> = s
-        .models
-        .iter()
-        .map(|m| {
-            vec![
-                inert(&m.model),
-                thousands(m.requests),
-                usd(m.cost),
-                ms(m.avg_latency_ms),
-            ]
-        })
-        .collect();
     table(
         &mut out,
         "  ",
         &["model", "requests", "cost", "avg latency"],
-        &rows,
+        &model_rows(s, inert),
     );
     out.push('\n');
     let _ = writeln!(out, "{}", p.bold("Top errors"));
     if s.errors.is_empty() {
         let _ = writeln!(out, "  none");
     } else {
-        let rows: Vec<Vec<String>> = s
-            .errors
-            .iter()
-            .map(|e| vec![truncate(&e.error, 90), thousands(e.count)])
-            .collect();
+        let rows = error_rows(s, |e| truncate(e, 90));
         table(&mut out, "  ", &["error", "count"], &rows);
     }
     out.push('\n');
@@ -224,12 +208,12 @@ pub fn text(r: &Report, colour: bool) -> String {
     if s.top_users.is_empty() {
         let _ = writeln!(out, "  none identified");
     } else {
-        let rows: Vec<Vec<String>> = s
-            .top_users
-            .iter()
-            .map(|u| vec![inert(&u.user_id), thousands(u.requests), usd(u.cost)])
-            .collect();
-        table(&mut out, "  ", &["user", "requests", "cost"], &rows);
+        table(
+            &mut out,
+            "  ",
+            &["user", "requests", "cost"],
+            &user_rows(s, inert),
+        );
     }
     out.push('\n');
     let _ = writeln!(out, "{}", p.bold("Anomalies"));
@@ -259,6 +243,36 @@ pub fn text(r: &Report, colour: bool) -> String {
         table(&mut out, "  ", &["request hash", "count"], &rows);
     }
     out
+}
+
+// The table rows both renderings share; `clean` makes text from the log safe for the output.
+
+fn model_rows(s: &Stats, clean: impl Fn(&str) -> String) -> Vec<Vec<String>> {
+    s.models
+        .iter()
+        .map(|m| {
+            vec![
+                clean(&m.model),
+                thousands(m.requests),
+                usd(m.cost),
+                ms(m.avg_latency_ms),
+            ]
+        })
+        .collect()
+}
+
+fn error_rows(s: &Stats, clean: impl Fn(&str) -> String) -> Vec<Vec<String>> {
+    s.errors
+        .iter()
+        .map(|e| vec![clean(&e.error), thousands(e.count)])
+        .collect()
+}
+
+fn user_rows(s: &Stats, clean: impl Fn(&str) -> String) -> Vec<Vec<String>> {
+    s.top_users
+        .iter()
+        .map(|u| vec![clean(&u.user_id), thousands(u.requests), usd(u.cost)])
+        .collect()
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -347,49 +361,28 @@ pub fn markdown(r: &Report) -> String {
         ],
     );
     let _ = writeln!(out, "\n### Per model\n");
-    let rows: Vec<Vec<String>> = s
-        .models
-        .iter()
-        .map(|m| {
-            vec![
-                md_escape(&m.model),
-                thousands(m.requests),
-                usd(m.cost),
-                ms(m.avg_latency_ms),
-            ]
-        })
-        .collect();
     md_table(
         &mut out,
         &["Model", "Requests", "Cost", "Avg latency"],
         &[false, true, true, true],
-        &rows,
+        &model_rows(s, md_escape),
     );
     let _ = writeln!(out, "\n### Top errors\n");
     if s.errors.is_empty() {
         let _ = writeln!(out, "None.");
     } else {
-        let rows: Vec<Vec<String>> = s
-            .errors
-            .iter()
-            .map(|e| vec![md_escape(&e.error), thousands(e.count)])
-            .collect();
+        let rows = error_rows(s, md_escape);
         md_table(&mut out, &["Error", "Count"], &[false, true], &rows);
     }
     let _ = writeln!(out, "\n### Top users\n");
     if s.top_users.is_empty() {
         let _ = writeln!(out, "None identified.");
     } else {
-        let rows: Vec<Vec<String>> = s
-            .top_users
-            .iter()
-            .map(|u| vec![md_escape(&u.user_id), thousands(u.requests), usd(u.cost)])
-            .collect();
         md_table(
             &mut out,
             &["User", "Requests", "Cost"],
             &[false, true, true],
-            &rows,
+            &user_rows(s, md_escape),
         );
     }
     let _ = writeln!(out, "\n### Anomalies\n");
