@@ -1,8 +1,6 @@
 //! HTTP helpers shared by the two front doors (the proxy and the audited client).
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use opentelemetry::propagation::{Injector, TextMapPropagator as _};
-use opentelemetry_sdk::propagation::TraceContextPropagator;
 
 /// An error and its sources on one line, e.g.
 /// "error sending request: client error (Connect): connection refused".
@@ -18,20 +16,99 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 }
 
 /// Writes the W3C `traceparent`/`tracestate` of `cx` into `headers` (nothing when `cx` holds
-/// no valid span, e.g. when spans are not exported).
+/// no valid span, e.g. when spans are not exported). The same headers as
+/// `TraceContextPropagator::inject_context` (a test holds them equal; an empty `tracestate` is
+/// omitted, as W3C asks), written into a stack
+/// buffer instead of through `format!` and a `String` per header (callgrind: ~4k instructions
+/// per call on the proxy path).
 pub fn inject_trace_context(cx: &opentelemetry::Context, headers: &mut HeaderMap) {
-    TraceContextPropagator::new().inject_context(cx, &mut HeaderInjector(headers));
+    use opentelemetry::trace::{TraceContextExt as _, TraceFlags};
+    let span = cx.span();
+    let sc = span.span_context();
+    if !sc.is_valid() {
+        return;
+    }
+    // "00-" trace-id "-" parent-id "-" flags: 2 + 1 + 32 + 1 + 16 + 1 + 2 bytes.
+    let mut buf = [0u8; 55];
+    buf[..3].copy_from_slice(b"00-");
+    hex_into(&sc.trace_id().to_bytes(), &mut buf[3..35]);
+    buf[35] = b'-';
+    hex_into(&sc.span_id().to_bytes(), &mut buf[36..52]);
+    buf[52] = b'-';
+    hex_into(
+        &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
+        &mut buf[53..55],
+    );
+    if let Ok(v) = HeaderValue::from_bytes(&buf) {
+        headers.insert(TRACEPARENT, v);
+    }
+    let state = sc.trace_state().header();
+    if !state.is_empty()
+        && let Ok(v) = HeaderValue::from_str(&state)
+    {
+        headers.insert(TRACESTATE, v);
+    }
 }
 
-struct HeaderInjector<'a>(&'a mut HeaderMap);
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-impl Injector for HeaderInjector<'_> {
-    fn set(&mut self, key: &str, value: String) {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(key.as_bytes()),
-            HeaderValue::from_str(&value),
-        ) {
-            self.0.insert(name, value);
+fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0x0f)];
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::propagation::{Injector, TextMapPropagator as _};
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+
+    struct Map<'a>(&'a mut HeaderMap);
+
+    impl Injector for Map<'_> {
+        fn set(&mut self, key: &str, value: String) {
+            self.0.insert(
+                HeaderName::from_bytes(key.as_bytes()).unwrap(),
+                HeaderValue::from_str(&value).unwrap(),
+            );
         }
+    }
+
+    #[test]
+    fn same_headers_as_the_sdk_propagator() {
+        let state = TraceState::from_key_value([("vendor", "ab"), ("other", "1")]).unwrap();
+        let cases = [
+            (
+                0x0af7651916cd43dd8448eb211c80319c_u128,
+                0x00f067aa0ba902b7_u64,
+                TraceFlags::SAMPLED,
+                TraceState::default(),
+            ),
+            (1, 1, TraceFlags::default(), state.clone()),
+            (u128::MAX, u64::MAX, TraceFlags::new(0xff), state),
+        ];
+        for (trace, span, flags, state) in cases {
+            let sc = SpanContext::new(TraceId::from(trace), SpanId::from(span), flags, true, state);
+            let cx = opentelemetry::Context::new().with_remote_span_context(sc);
+            let (mut ours, mut sdk) = (HeaderMap::new(), HeaderMap::new());
+            inject_trace_context(&cx, &mut ours);
+            TraceContextPropagator::new().inject_context(&cx, &mut Map(&mut sdk));
+            // The SDK also writes an empty `tracestate`; W3C says to omit it then.
+            if sdk.get("tracestate").is_some_and(|v| v.is_empty()) {
+                sdk.remove("tracestate");
+            }
+            assert_eq!(ours, sdk);
+            assert!(ours.contains_key("traceparent"));
+        }
+        let mut none = HeaderMap::new();
+        inject_trace_context(&opentelemetry::Context::new(), &mut none);
+        assert!(none.is_empty());
     }
 }

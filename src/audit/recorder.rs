@@ -360,17 +360,25 @@ impl Recorder {
         let start = Instant::now();
         let timestamp = AuditRecord::format_timestamp(chrono::Utc::now());
         let request_id = uuid::Uuid::now_v7().to_string();
+        let operation = call.operation.as_str();
+        let mut name = String::with_capacity(operation.len() + 1 + call.model.len());
+        name.push_str(operation);
+        name.push(' ');
+        name.push_str(&call.model);
+        // `&str` fields, not `%` (Display): the OpenTelemetry layer then copies each string
+        // instead of running the formatting machinery per field (callgrind: ~2k instructions
+        // per call).
         let span = tracing::info_span!(
             target: "llm_audit",
             "gen_ai.call",
-            otel.name = %format_args!("{} {}", call.operation.as_str(), call.model),
+            otel.name = name.as_str(),
             otel.kind = "client",
-            gen_ai.operation.name = call.operation.as_str(),
-            gen_ai.provider.name = %call.provider,
-            gen_ai.request.model = %call.model,
+            gen_ai.operation.name = operation,
+            gen_ai.provider.name = &*call.provider,
+            gen_ai.request.model = call.model.as_str(),
             gen_ai.request.stream = call.stream,
-            llm_audit.request_id = %request_id,
-            llm_audit.request_hash = %call.request_hash,
+            llm_audit.request_id = request_id.as_str(),
+            llm_audit.request_hash = call.request_hash.as_str(),
         );
         if let Some(parent) = &call.parent {
             let _ = span.set_parent(parent.clone());

@@ -8,13 +8,16 @@ use std::time::{Duration, Instant};
 use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use http_body_util::{BodyDataStream, BodyExt as _};
+use hyper::body::Incoming;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::ProxyError;
 use super::identity::{client_ip, header_user, parent_context};
 use super::tee::TeeBody;
+use super::upstream::SendError;
 use super::{AppState, COST_HEADER, REQUEST_ID_HEADER};
 use crate::audit::usage::parse_json_response;
 use crate::audit::{CallEnd, CallStart, InFlight, Operation, ParsedRequest};
@@ -131,7 +134,10 @@ pub async fn audited(
     } else {
         body
     };
-    let url = upstream_url(&state.upstream_base, parts.uri.path(), parts.uri.query());
+    let uri = match state.upstream.uri(parts.uri.path(), parts.uri.query()) {
+        Ok(u) => u,
+        Err(e) => return fail(flight, send_error(e, &state)),
+    };
     let mut upstream_headers = forward_headers(&headers, &state);
     // Answers must be readable to be audited: ask for them uncompressed.
     upstream_headers.remove("accept-encoding");
@@ -148,7 +154,7 @@ pub async fn audited(
 
     let _in_flight = state.shutdown.tracker.token();
     let sent = tokio::select! {
-        r = send(&state, &mut flight, &url, upstream_headers, wire_body) => r,
+        r = send(&state, &mut flight, &uri, upstream_headers, wire_body) => r,
         () = state.shutdown.abort.cancelled() => Err(ProxyError::ShuttingDown),
     };
     let response = match sent {
@@ -169,7 +175,7 @@ pub async fn audited(
         let tee = TeeBody::new(
             flight,
             status.as_u16(),
-            Box::pin(response.bytes_stream()),
+            Box::pin(BodyDataStream::new(response.into_body())),
             hide_usage,
             state.idle_timeout,
             &state.shutdown,
@@ -206,13 +212,18 @@ pub async fn audited(
 
 /// Reads a whole answer, allowing `idle` between chunks (not in total: some providers send
 /// keep-alive blank lines while a long answer is generated).
-async fn read_body(mut response: reqwest::Response, idle: Duration) -> Result<Bytes, ProxyError> {
+async fn read_body(response: Response<Incoming>, idle: Duration) -> Result<Bytes, ProxyError> {
+    let mut body = response.into_body();
     let mut buf = bytes::BytesMut::new();
     loop {
-        match tokio::time::timeout(idle, response.chunk()).await {
-            Ok(Ok(Some(chunk))) => buf.extend_from_slice(&chunk),
-            Ok(Ok(None)) => return Ok(buf.freeze()),
-            Ok(Err(e)) => return Err(ProxyError::UpstreamTransport(error_chain(&e.without_url()))),
+        match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                if let Some(chunk) = frame.data_ref() {
+                    buf.extend_from_slice(chunk);
+                }
+            }
+            Ok(None) => return Ok(buf.freeze()),
+            Ok(Some(Err(e))) => return Err(ProxyError::UpstreamTransport(error_chain(&e))),
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
                     which: "idle",
@@ -220,6 +231,17 @@ async fn read_body(mut response: reqwest::Response, idle: Duration) -> Result<By
                 });
             }
         }
+    }
+}
+
+/// The proxy's answer to a failed upstream exchange.
+fn send_error(e: SendError, state: &AppState) -> ProxyError {
+    match e {
+        SendError::ConnectTimeout => ProxyError::UpstreamTimeout {
+            which: "connect",
+            after: state.connect_timeout,
+        },
+        SendError::Transport(message) => ProxyError::UpstreamTransport(message),
     }
 }
 
@@ -259,10 +281,10 @@ fn json_end(status: StatusCode, bytes: &[u8]) -> CallEnd {
 async fn send(
     state: &AppState,
     flight: &mut InFlight,
-    url: &reqwest::Url,
+    uri: &Uri,
     headers: HeaderMap,
     body: Bytes,
-) -> Result<reqwest::Response, ProxyError> {
+) -> Result<Response<Incoming>, ProxyError> {
     let policy = RetryPolicy {
         max_attempts: state.retries + 1,
         ..RetryPolicy::default()
@@ -270,11 +292,8 @@ async fn send(
     loop {
         let attempt = flight.add_attempt();
         let request = state
-            .http
-            .post(url.clone())
-            .headers(headers.clone())
-            .body(body.clone())
-            .send();
+            .upstream
+            .send(Method::POST, uri.clone(), headers.clone(), body.clone());
         let response = match tokio::time::timeout(state.first_byte_timeout, request).await {
             Err(_) => {
                 return Err(ProxyError::UpstreamTimeout {
@@ -282,13 +301,7 @@ async fn send(
                     after: state.first_byte_timeout,
                 });
             }
-            Ok(Err(e)) if e.is_connect() && e.is_timeout() => {
-                return Err(ProxyError::UpstreamTimeout {
-                    which: "connect",
-                    after: state.connect_timeout,
-                });
-            }
-            Ok(Err(e)) => return Err(ProxyError::UpstreamTransport(error_chain(&e.without_url()))),
+            Ok(Err(e)) => return Err(send_error(e, state)),
             Ok(Ok(r)) => r,
         };
         let code = response.status().as_u16();
@@ -297,7 +310,7 @@ async fn send(
         }
         let retry_after = response
             .headers()
-            .get(reqwest::header::RETRY_AFTER)
+            .get(axum::http::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(crate::client::retry::parse_retry_after);
         drop(response);
@@ -376,18 +389,6 @@ pub fn inject_include_usage(body: &Bytes) -> Bytes {
         .unwrap_or_else(|_| body.clone())
 }
 
-/// `base` (`https://api.openai.com/v1`, parsed once at start-up) joined with the request path
-/// after `/v1`. Editing a parsed URL instead of parsing a string saves a full URL parse per
-/// request.
-pub fn upstream_url(base: &reqwest::Url, path: &str, query: Option<&str>) -> reqwest::Url {
-    let rest = path.strip_prefix("/v1").unwrap_or(path);
-    let mut url = base.clone();
-    let joined = format!("{}{rest}", base.path().trim_end_matches('/'));
-    url.set_path(&joined);
-    url.set_query(query);
-    url
-}
-
 /// Request headers for the upstream: everything but hop-by-hop headers, our own `x-llm-audit-*`
 /// and trace headers (replaced by ours), and — in keys mode — the client's `Authorization`.
 fn forward_headers(incoming: &HeaderMap, state: &AppState) -> HeaderMap {
@@ -445,19 +446,17 @@ pub async fn passthrough(State(state): State<Arc<AppState>>, request: Request) -
             return err.into_response_with_id(&request_id);
         }
     };
-    let url = upstream_url(&state.upstream_base, parts.uri.path(), parts.uri.query());
-    let request = state
-        .http
-        .request(parts.method, url)
-        .headers(forward_headers(&parts.headers, &state))
-        .body(body)
-        .send();
+    let request = async {
+        let uri = state.upstream.uri(parts.uri.path(), parts.uri.query())?;
+        let headers = forward_headers(&parts.headers, &state);
+        state.upstream.send(parts.method, uri, headers, body).await
+    };
     let response = match tokio::time::timeout(state.first_byte_timeout, request).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            state.recorder.count_passthrough(502);
-            return ProxyError::UpstreamTransport(error_chain(&e.without_url()))
-                .into_response_with_id(&request_id);
+            let err = send_error(e, &state);
+            state.recorder.count_passthrough(err.status().as_u16());
+            return err.into_response_with_id(&request_id);
         }
         Err(_) => {
             state.recorder.count_passthrough(504);
@@ -475,7 +474,7 @@ pub async fn passthrough(State(state): State<Arc<AppState>>, request: Request) -
         headers.insert(REQUEST_ID_HEADER, v);
     }
     let mut resp = Response::new(Body::from_stream(idle_limited(
-        response.bytes_stream(),
+        BodyDataStream::new(response.into_body()),
         state.idle_timeout,
     )));
     *resp.status_mut() = status;
@@ -486,7 +485,7 @@ pub async fn passthrough(State(state): State<Arc<AppState>>, request: Request) -
 /// `stream`, ended with an error once the upstream stays silent for `idle` (an unaudited
 /// answer must not hold a connection, and shutdown, forever).
 fn idle_limited(
-    stream: impl futures_util::Stream<Item = reqwest::Result<Bytes>> + Send + 'static,
+    stream: impl futures_util::Stream<Item = Result<Bytes, hyper::Error>> + Send + 'static,
     idle: Duration,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> + Send + 'static {
     use futures_util::StreamExt as _;
@@ -495,10 +494,7 @@ fn idle_limited(
         match tokio::time::timeout(idle, stream.next()).await {
             Ok(Some(Ok(chunk))) => Some((Ok(chunk), Some(stream))),
             Ok(None) => None,
-            Ok(Some(Err(e))) => Some((
-                Err(std::io::Error::other(error_chain(&e.without_url()))),
-                None,
-            )),
+            Ok(Some(Err(e))) => Some((Err(std::io::Error::other(error_chain(&e))), None)),
             Err(_) => Some((
                 Err(std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
@@ -579,19 +575,5 @@ mod tests {
             serde_json::from_slice(&inject_include_usage(&with_opts)).unwrap();
         assert_eq!(v["stream_options"]["include_usage"], true);
         assert_eq!(v["stream_options"]["x"], 1);
-    }
-
-    #[test]
-    fn urls_join_after_v1() {
-        let base = reqwest::Url::parse("https://api.example.com/v1").unwrap();
-        assert_eq!(
-            upstream_url(&base, "/v1/chat/completions", Some("a=1")).as_str(),
-            "https://api.example.com/v1/chat/completions?a=1"
-        );
-        let base = reqwest::Url::parse("http://127.0.0.1:8000/v1/").unwrap();
-        assert_eq!(
-            upstream_url(&base, "/v1/models", None).as_str(),
-            "http://127.0.0.1:8000/v1/models"
-        );
     }
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod handler;
 pub mod identity;
 pub mod tee;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -43,8 +44,7 @@ pub const COST_HEADER: &str = "x-llm-audit-cost-usd";
 #[derive(Debug)]
 pub struct AppState {
     recorder: Recorder,
-    http: reqwest::Client,
-    upstream_base: reqwest::Url,
+    upstream: upstream::Upstream,
     server_address: Option<String>,
     server_port: Option<u16>,
     provider: Arc<str>,
@@ -79,7 +79,7 @@ pub enum StartError {
     Auth(#[from] identity::AuthConfigError),
     /// The HTTP client could not be built.
     #[error("cannot build the upstream HTTP client: {0}")]
-    Client(#[from] reqwest::Error),
+    Client(#[from] upstream::ClientError),
     /// A listener could not be bound.
     #[error("cannot listen on {addr}")]
     Bind {
@@ -108,26 +108,16 @@ impl AppState {
                 || h.parse::<std::net::IpAddr>()
                     .is_ok_and(|ip| ip.is_loopback())
         });
-        let mut builder = reqwest::Client::builder()
-            .connect_timeout(cfg.upstream.connect_timeout.0)
-            .tcp_nodelay(true)
-            // An idle pool smaller than the concurrency costs a TCP (and TLS) handshake per
-            // request once it overflows (STACK.md: +29 µs and half the throughput).
-            .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(90));
-        if loopback {
-            // HTTP(S)_PROXY is for reaching the outside; a local upstream (vLLM, Ollama, the
-            // demo) is never behind it.
-            builder = builder.no_proxy();
-        }
-        let http = builder.build()?;
+        // HTTP(S)_PROXY is for reaching the outside; a local upstream (vLLM, Ollama, the demo)
+        // is never behind it.
+        let upstream =
+            upstream::Upstream::new(url.as_str(), cfg.upstream.connect_timeout.0, loopback)?;
         Ok(Self {
             auth: Auth::from_config(&cfg.auth, env)?,
             recorder,
-            http,
+            upstream,
             server_address: url.host_str().map(str::to_owned),
             server_port: url.port_or_known_default(),
-            upstream_base: url,
             provider: Arc::from(cfg.upstream.provider.as_str()),
             max_body_bytes: cfg.server.max_body_bytes,
             max_header_bytes: cfg.server.max_header_bytes,

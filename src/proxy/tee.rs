@@ -19,7 +19,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 use super::error::ProxyError;
 use crate::audit::{CallEnd, InFlight, SseScanner};
 
-type Upstream = Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>;
+type Upstream = Pin<Box<dyn Stream<Item = Result<Bytes, hyper::Error>> + Send>>;
 
 /// The client-facing body of a streamed answer.
 pub struct TeeBody {
