@@ -50,6 +50,19 @@ pub fn inject_trace_context(cx: &opentelemetry::Context, headers: &mut HeaderMap
     }
 }
 
+/// The TLS set-up of every outgoing HTTPS connection (upstream, OTLP/HTTP): rustls with the
+/// platform's certificate verifier.
+pub fn tls_client_config() -> Result<rustls::ClientConfig, rustls::Error> {
+    use rustls_platform_verifier::BuilderVerifierExt as _;
+    // The provider is named: with two rustls providers compiled in (other crates enable ring),
+    // relying on the process default would panic at start-up.
+    let provider = std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_platform_verifier()?
+        .with_no_client_auth())
+}
+
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 

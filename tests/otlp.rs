@@ -38,6 +38,8 @@ const ANSWER_MARKER: &str = "zqanswer-fredonia-city";
 const KEY_ID: &str = "key_0123456789abcdef";
 
 type Received = Arc<Mutex<Vec<ExportTraceServiceRequest>>>;
+/// Per export request: the `x-api-key` header and the body's compression, as a receiver saw them.
+type Heard = Arc<Mutex<Vec<(Option<String>, Option<String>)>>>;
 
 // ---------------------------------------------------------------------------------------------
 // Receivers
@@ -45,6 +47,7 @@ type Received = Arc<Mutex<Vec<ExportTraceServiceRequest>>>;
 
 struct GrpcCollector {
     received: Received,
+    heard: Heard,
 }
 
 #[tonic::async_trait]
@@ -53,6 +56,15 @@ impl TraceService for GrpcCollector {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let header = |k: &str| {
+            request
+                .metadata()
+                .get(k)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let heard = (header("x-api-key"), header("grpc-encoding"));
+        self.heard.lock().unwrap().push(heard);
         self.received.lock().unwrap().push(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
     }
@@ -60,12 +72,20 @@ impl TraceService for GrpcCollector {
 
 /// An OTLP/gRPC receiver on a free loopback port; returns its endpoint URL.
 async fn grpc_receiver() -> (String, Received) {
+    let (url, received, _) = grpc_receiver_hearing().await;
+    (url, received)
+}
+
+async fn grpc_receiver_hearing() -> (String, Received, Heard) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let received = Received::default();
+    let heard = Heard::default();
     let service = TraceServiceServer::new(GrpcCollector {
         received: received.clone(),
-    });
+        heard: heard.clone(),
+    })
+    .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
@@ -73,14 +93,32 @@ async fn grpc_receiver() -> (String, Received) {
             .await
             .unwrap();
     });
-    (format!("http://127.0.0.1:{port}"), received)
+    (format!("http://127.0.0.1:{port}"), received, heard)
 }
 
 async fn http_export(
-    axum::extract::State(received): axum::extract::State<Received>,
+    axum::extract::State((received, heard)): axum::extract::State<(Received, Heard)>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> impl axum::response::IntoResponse {
+    let header = |k: &str| {
+        headers
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let encoding = header("content-encoding");
+    heard
+        .lock()
+        .unwrap()
+        .push((header("x-api-key"), encoding.clone()));
+    let body = if encoding.as_deref() == Some("gzip") {
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&body[..]), &mut out).unwrap();
+        axum::body::Bytes::from(out)
+    } else {
+        body
+    };
     let content_type = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -112,16 +150,26 @@ async fn http_export(
 
 /// An OTLP/HTTP (protobuf) receiver on a free loopback port; returns its traces URL.
 async fn http_receiver() -> (String, Received) {
+    let (url, received, _) = http_receiver_hearing().await;
+    (url, received)
+}
+
+async fn http_receiver_hearing() -> (String, Received, Heard) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let received = Received::default();
+    let heard = Heard::default();
     let app = axum::Router::new()
         .route("/v1/traces", axum::routing::post(http_export))
-        .with_state(received.clone());
+        .with_state((received.clone(), heard.clone()));
     tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
-    (format!("http://127.0.0.1:{port}/v1/traces"), received)
+    (
+        format!("http://127.0.0.1:{port}/v1/traces"),
+        received,
+        heard,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -135,6 +183,7 @@ fn provider(endpoint: String, protocol: OtlpProtocol, errors: IntCounter) -> Sdk
             protocol,
             service_name: SERVICE.into(),
             timeout: Duration::from_secs(3),
+            ..TelemetryConfig::disabled()
         },
         errors,
     )
@@ -490,6 +539,45 @@ async fn grpc_span_follows_the_contract() {
     assert_eq!(errors.get(), 0, "no export errors against a live receiver");
 }
 
+/// `OTEL_EXPORTER_OTLP_HEADERS` and `_COMPRESSION=gzip` as a collector behind an API key
+/// needs them: the key arrives on every export, the body compressed, the span intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_and_gzip_reach_the_collector() {
+    for protocol in [OtlpProtocol::Grpc, OtlpProtocol::HttpProtobuf] {
+        let (url, received, heard) = match protocol {
+            OtlpProtocol::Grpc => grpc_receiver_hearing().await,
+            OtlpProtocol::HttpProtobuf => http_receiver_hearing().await,
+        };
+        let errors = export_errors();
+        let vars: HashMap<&str, String> = HashMap::from([
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", url),
+            (
+                "OTEL_EXPORTER_OTLP_PROTOCOL",
+                match protocol {
+                    OtlpProtocol::Grpc => "grpc".into(),
+                    OtlpProtocol::HttpProtobuf => "http/protobuf".into(),
+                },
+            ),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "x-api-key=s%3Dcret".into()),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".into()),
+            ("OTEL_SERVICE_NAME", SERVICE.into()),
+        ]);
+        let cfg = TelemetryConfig::from_lookup(|k| vars.get(k).cloned()).unwrap();
+        let p = tracer_provider(&cfg, errors.clone()).unwrap().unwrap();
+        let h = common::harness();
+        let emitted = drive(&h, &p, call_start(chat_request()), ok_end());
+        let reqs = flush(p, &received).await;
+        assert_ok_span(&reqs, &emitted);
+        assert_eq!(errors.get(), 0, "{protocol:?}");
+        let heard = heard.lock().unwrap().clone();
+        assert!(!heard.is_empty());
+        for (key, encoding) in heard {
+            assert_eq!(key.as_deref(), Some("s=cret"), "{protocol:?}");
+            assert_eq!(encoding.as_deref(), Some("gzip"), "{protocol:?}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_protobuf_span_follows_the_contract() {
     let (url, received) = http_receiver().await;
@@ -710,6 +798,7 @@ async fn export_to_nowhere(endpoint: String, protocol: OtlpProtocol) -> u64 {
             protocol,
             service_name: SERVICE.into(),
             timeout: Duration::from_millis(300),
+            ..TelemetryConfig::disabled()
         },
         errors.clone(),
     )
@@ -755,6 +844,7 @@ fn no_endpoint_means_no_provider() {
         protocol: OtlpProtocol::Grpc,
         service_name: SERVICE.into(),
         timeout: Duration::from_secs(1),
+        ..TelemetryConfig::disabled()
     };
     // No runtime needed and nothing to complain about.
     assert!(tracer_provider(&cfg, export_errors()).unwrap().is_none());

@@ -60,7 +60,7 @@ impl Upstream {
         http.set_connect_timeout(Some(connect_timeout));
         http.set_nodelay(true);
         http.enforce_http(false);
-        let tls = tls_config()?;
+        let tls = crate::wire::tls_client_config().map_err(|e| ClientError::Tls(e.to_string()))?;
         let proxy = if loopback {
             None
         } else {
@@ -126,19 +126,6 @@ impl Upstream {
             }
         })
     }
-}
-
-fn tls_config() -> Result<rustls::ClientConfig, ClientError> {
-    use rustls_platform_verifier::BuilderVerifierExt as _;
-    // The provider is named: with two rustls providers compiled in (other crates enable ring),
-    // relying on the process default would panic at start-up.
-    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ClientError::Tls(e.to_string()))?
-        .with_platform_verifier()
-        .map(|b| b.with_no_client_auth())
-        .map_err(|e| ClientError::Tls(e.to_string()))
 }
 
 fn https<T>(tls: rustls::ClientConfig, inner: T) -> HttpsConnector<T> {

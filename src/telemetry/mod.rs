@@ -2,12 +2,13 @@
 //! OpenTelemetry layer exporting spans over gRPC or HTTP/protobuf. An OTel version bump should
 //! touch only this file.
 
+pub mod export;
 pub mod metrics;
+pub mod otlp_wire;
 
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::OTelSdkResult;
 use opentelemetry_sdk::trace::{
@@ -44,14 +45,20 @@ pub struct TelemetryConfig {
     pub service_name: String,
     /// Export timeout per batch.
     pub timeout: Duration,
+    /// Extra request headers (gRPC metadata), e.g. a collector's API key.
+    pub headers: Vec<(String, String)>,
+    /// Compress export bodies with gzip.
+    pub gzip: bool,
 }
 
 /// A telemetry setting that cannot work.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     /// An `OTEL_*` value we do not understand.
-    #[error("unsupported {var}={value:?} (expected grpc or http/protobuf)")]
-    UnsupportedProtocol {
+    #[error("unsupported {var}={value:?} (expected {expected})")]
+    Unsupported {
+        /// What would have been understood.
+        expected: &'static str,
         /// The variable.
         var: &'static str,
         /// Its value.
@@ -73,11 +80,14 @@ impl TelemetryConfig {
             protocol: OtlpProtocol::Grpc,
             service_name: "llm-audit".into(),
             timeout: Duration::from_secs(10),
+            headers: Vec::new(),
+            gzip: false,
         }
     }
 
     /// Reads `OTEL_SDK_DISABLED`, `OTEL_TRACES_EXPORTER`, `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT`,
-    /// `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`, `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT` and
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL`, `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT`,
+    /// `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS`, `OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION` and
     /// `OTEL_SERVICE_NAME` from the environment.
     pub fn from_env() -> Result<Self, TelemetryError> {
         Self::from_lookup(|k| std::env::var(k).ok().filter(|v| !v.trim().is_empty()))
@@ -100,12 +110,40 @@ impl TelemetryConfig {
             None | Some("grpc") => OtlpProtocol::Grpc,
             Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
             Some(other) => {
-                return Err(TelemetryError::UnsupportedProtocol {
+                return Err(TelemetryError::Unsupported {
+                    expected: "grpc or http/protobuf",
                     var,
                     value: other.to_owned(),
                 });
             }
         };
+        // The signal-specific variable wins over the generic one, as in every OTel SDK.
+        let pick = |traces: &'static str, generic: &'static str| match get(traces) {
+            Some(v) => Some((traces, v)),
+            None => get(generic).map(|v| (generic, v)),
+        };
+        if let Some((_, headers)) = pick(
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            "OTEL_EXPORTER_OTLP_HEADERS",
+        ) {
+            cfg.headers = parse_headers(&headers);
+        }
+        if let Some((var, c)) = pick(
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ) {
+            cfg.gzip = match c.trim() {
+                "gzip" => true,
+                "none" => false,
+                other => {
+                    return Err(TelemetryError::Unsupported {
+                        expected: "gzip or none",
+                        var,
+                        value: other.to_owned(),
+                    });
+                }
+            };
+        }
         if let Some(ms) = get("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT")
             .or_else(|| get("OTEL_EXPORTER_OTLP_TIMEOUT"))
             .and_then(|v| v.trim().parse::<u64>().ok())
@@ -138,21 +176,7 @@ pub fn tracer_provider(
     let Some(endpoint) = &cfg.endpoint else {
         return Ok(None);
     };
-    let exporter = match cfg.protocol {
-        OtlpProtocol::Grpc => opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .with_endpoint(endpoint)
-            .with_timeout(cfg.timeout)
-            .build(),
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(endpoint)
-            .with_timeout(cfg.timeout)
-            .with_headers(Default::default())
-            .build(),
-    }
-    .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let exporter = export::WireExporter::new(cfg, endpoint)?;
     // The SDK's default queue (2,048 spans, flushed every 5 s) overflows — and silently drops
     // spans — above ~400 calls/s. A larger queue flushed every second keeps every span at
     // thousands of calls/s; the standard OTEL_BSP_* variables still win when set.
@@ -178,6 +202,22 @@ pub fn tracer_provider(
         )
         .build();
     Ok(Some(provider))
+}
+
+/// `OTEL_EXPORTER_OTLP_HEADERS`: `key=value` pairs separated by commas, values
+/// percent-encoded (the W3C baggage format the OTel specification names); malformed pairs are
+/// skipped, as the SDKs do.
+fn parse_headers(raw: &str) -> Vec<(String, String)> {
+    raw.split(',')
+        .filter_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            let k = k.trim();
+            let v = percent_encoding::percent_decode_str(v.trim())
+                .decode_utf8()
+                .ok()?;
+            (!k.is_empty()).then(|| (k.to_owned(), v.into_owned()))
+        })
+        .collect()
 }
 
 /// The OpenTelemetry layer for `provider`, filtered so the exporter's own HTTP/gRPC stack never
@@ -208,7 +248,6 @@ fn quiet_exporter_targets() -> Targets {
         .with_target("reqwest", LevelFilter::OFF)
         .with_target("opentelemetry", LevelFilter::OFF)
         .with_target("opentelemetry_sdk", LevelFilter::OFF)
-        .with_target("opentelemetry_otlp", LevelFilter::OFF)
 }
 
 /// Installs the global subscriber: logs to stderr (filtered by `RUST_LOG`, default `info`)
@@ -319,5 +358,35 @@ mod tests {
         .unwrap();
         assert!(c.endpoint.is_none());
         assert!(cfg(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/json")]).is_err());
+    }
+
+    #[test]
+    fn env_sets_headers_and_compression() {
+        let c = cfg(&[
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "api-key=a%20b%3Dc, x-tenant = t1 ,broken,=v",
+            ),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.headers,
+            [
+                ("api-key".to_owned(), "a b=c".to_owned()),
+                ("x-tenant".to_owned(), "t1".to_owned())
+            ]
+        );
+        assert!(c.gzip);
+        let c = cfg(&[
+            ("OTEL_EXPORTER_OTLP_HEADERS", "a=1"),
+            ("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "b=2"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none"),
+        ])
+        .unwrap();
+        assert_eq!(c.headers, [("b".to_owned(), "2".to_owned())]);
+        assert!(!c.gzip);
+        assert!(cfg(&[("OTEL_EXPORTER_OTLP_COMPRESSION", "zstd")]).is_err());
     }
 }
