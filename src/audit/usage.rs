@@ -392,7 +392,7 @@ impl SseScanner {
 
     /// Consumes a chunk of the stream.
     pub fn feed(&mut self, mut bytes: &[u8]) {
-        while let Some(pos) = bytes.iter().position(|b| *b == b'\n') {
+        while let Some(pos) = memchr::memchr(b'\n', bytes) {
             let (head, rest) = bytes.split_at(pos);
             bytes = &rest[1..];
             if self.line.is_empty() {

@@ -193,10 +193,7 @@ impl Stream for TeeBody {
 /// End offsets of the complete SSE events in `buf` (each ends with a blank line).
 fn event_ends(buf: &[u8]) -> impl Iterator<Item = usize> + '_ {
     let mut line_start = 0;
-    buf.iter().enumerate().filter_map(move |(i, b)| {
-        if *b != b'\n' {
-            return None;
-        }
+    memchr::memchr_iter(b'\n', buf).filter_map(move |i| {
         let line = &buf[line_start..i];
         line_start = i + 1;
         (line.is_empty() || line == b"\r").then_some(i + 1)
@@ -251,7 +248,7 @@ fn is_usage_only(event: &[u8]) -> bool {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
+    memchr::memmem::find(haystack, needle).is_some()
 }
 
 #[cfg(test)]
