@@ -94,6 +94,8 @@ for mode in json sse; do
   run "proxy-rate-$mode" $P_PROXY $PROXY --rate "$RATE" $flag >>"$RESULTS"
 done
 PROXY_PEAK_KB=$(hwm_kb $PROXY)
+# Spans leave in batches at least every second: let the last one reach the sink before counting.
+sleep 2.5
 ROWS=$(python3 -c "import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute('select count(*) from audit_logs').fetchone()[0])" "$WORK/bench.db" 2>/dev/null || echo "?")
 SPANS=$(grep -o '[0-9]*$' "$WORK/otlp.log" | tail -1)
 
