@@ -946,6 +946,30 @@ async fn a_stream_that_goes_silent_is_recorded_as_a_504_idle_timeout() {
     assert_eq!(row.response_preview.as_deref(), Some("Hel"));
 }
 
+/// The idle limit is silence, not length: chunks every 200 ms for 1.6 s against a 500 ms limit
+/// pass, and so does a usage chunk after the last pause.
+#[tokio::test]
+async fn a_slow_but_steady_stream_outlives_the_idle_limit() {
+    let mut script = StreamScript::new(RESPONSE_MODEL).role();
+    for piece in ["a", "b", "c", "d", "e", "f", "g", "h"] {
+        script = script.sleep(Duration::from_millis(200)).content(piece);
+    }
+    let script = script.finish("stop").usage(7, 8);
+    let up = FakeUpstream::start(vec![Reply::stream(script)]).await;
+    let p = start(&up, |cfg, _| {
+        cfg.upstream.idle_timeout.0 = Duration::from_millis(500);
+    })
+    .await;
+    let mut resp = p.chat(&stream_body()).await;
+    assert_eq!(resp.status(), 200);
+    let mut buf = Vec::new();
+    read_rest(&mut resp, &mut buf).await.unwrap();
+    assert_eq!(text_of(&buf), "abcdefgh");
+    let row = p.only_row().await;
+    assert_eq!((row.status_code, row.outcome.as_str()), (200, "ok"));
+    assert_eq!((row.prompt_tokens, row.completion_tokens), (7, 8));
+}
+
 #[tokio::test]
 async fn a_json_body_that_never_comes_is_a_504_idle_timeout() {
     let up = FakeUpstream::start(vec![Reply::stall_body(200)]).await;

@@ -28,7 +28,11 @@ pub struct TeeBody {
     hide_usage: bool,
     held: BytesMut,
     idle: Duration,
+    /// Armed for `idle` after some earlier activity; when it fires it is moved to `idle` after
+    /// `last_activity` if there was activity since (re-arming a Tokio timer on every chunk
+    /// takes the timer driver's lock twice per chunk).
     idle_timer: Pin<Box<Sleep>>,
+    last_activity: Instant,
     returned_item: bool,
     done: bool,
     /// Fires when shutdown's grace period is over: the stream ends and is recorded now, while
@@ -83,6 +87,7 @@ impl TeeBody {
             held: BytesMut::new(),
             idle,
             idle_timer: Box::pin(tokio::time::sleep(idle)),
+            last_activity: Instant::now(),
             returned_item: false,
             done: false,
             abort: Box::pin(shutdown.abort.clone().cancelled_owned()),
@@ -97,6 +102,11 @@ impl TeeBody {
         self.guard.scanner.feed(&chunk);
         if !self.hide_usage {
             return chunk;
+        }
+        if self.held.is_empty() && complete_events_len(&chunk) == chunk.len() {
+            // The usual case: the chunk is whole events and nothing is held, so it goes on as
+            // it is (shared, not copied) unless it holds the usage-only event.
+            return without_usage_only_events(chunk);
         }
         self.held.extend_from_slice(&chunk);
         let complete = complete_events_len(&self.held);
@@ -126,7 +136,7 @@ impl Stream for TeeBody {
             // The idle timeout measures the upstream's silence, not a client slow to read:
             // restart it when the client comes back for more.
             this.returned_item = false;
-            this.idle_timer.as_mut().reset(Instant::now() + this.idle);
+            this.last_activity = Instant::now();
         }
         loop {
             if this.done {
@@ -141,7 +151,7 @@ impl Stream for TeeBody {
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    this.idle_timer.as_mut().reset(Instant::now() + this.idle);
+                    this.last_activity = Instant::now();
                     let out = this.on_chunk(chunk);
                     if !out.is_empty() {
                         this.returned_item = true;
@@ -169,7 +179,14 @@ impl Stream for TeeBody {
                     return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                 }
                 Poll::Pending => {
-                    if this.idle_timer.as_mut().poll(cx).is_ready() {
+                    while this.idle_timer.as_mut().poll(cx).is_ready() {
+                        let deadline = this.last_activity + this.idle;
+                        if deadline > this.idle_timer.deadline() {
+                            // Activity since the timer was armed: not idle yet. Poll again so
+                            // the re-armed timer holds this task's waker.
+                            this.idle_timer.as_mut().reset(deadline);
+                            continue;
+                        }
                         this.done = true;
                         let err = ProxyError::UpstreamTimeout {
                             which: "idle",
