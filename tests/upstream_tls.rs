@@ -1,0 +1,270 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+//! The built `llm-audit serve` in front of an HTTPS upstream, as every hosted provider is: the
+//! certificate is verified against the system's roots (`SSL_CERT_FILE` here names a test CA),
+//! HTTP/2 is negotiated by ALPN, JSON and streamed answers pass, and an upstream whose
+//! certificate nobody vouches for is a recorded 502, never a silent downgrade.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, Version};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use serde_json::{Value, json};
+
+use support::{Reap, llm_audit};
+
+const ANSWER: &str = r#"{"id":"chatcmpl-tls","object":"chat.completion","created":1764000000,"model":"gpt-4.1-mini-2025-04-14","choices":[{"index":0,"message":{"role":"assistant","content":"over TLS"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}"#;
+const KEY: &str = "sk-proj-tLsKeY0123456789abcdefABCDEFghijkl";
+
+/// What the upstream saw of each request: protocol version and `Authorization`.
+type Seen = Arc<Mutex<Vec<(Version, Option<String>)>>>;
+
+/// A test CA (PEM file in `dir`) and a `localhost` server certificate it signed.
+fn certificates(dir: &Path) -> (PathBuf, CertificateDer<'static>, PrivateKeyDer<'static>) {
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "llm-audit test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    let ca_pem = dir.join("ca.pem");
+    std::fs::write(&ca_pem, ca_cert.pem()).unwrap();
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    (ca_pem, leaf.der().clone(), key)
+}
+
+async fn answer(req: Request<Incoming>, seen: Seen) -> Result<Response<Full<Bytes>>, hyper::Error> {
+    let auth = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    seen.lock().unwrap().push((req.version(), auth));
+    let body = req.into_body().collect().await?.to_bytes();
+    let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    if body["stream"] == true {
+        let chunk = |delta: Value, finish: Value| {
+            format!(
+                "data: {}\n\n",
+                json!({"id": "chatcmpl-tls", "object": "chat.completion.chunk", "model": "gpt-4.1-mini",
+                       "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            )
+        };
+        let mut sse = chunk(json!({"content": "over "}), Value::Null);
+        sse += &chunk(json!({"content": "TLS"}), Value::Null);
+        sse += &chunk(json!({}), json!("stop"));
+        sse += "data: {\"id\":\"chatcmpl-tls\",\"object\":\"chat.completion.chunk\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":2,\"total_tokens\":13}}\n\n";
+        sse += "data: [DONE]\n\n";
+        return Ok(Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Full::new(Bytes::from(sse)))
+            .unwrap());
+    }
+    Ok(Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from_static(ANSWER.as_bytes())))
+        .unwrap())
+}
+
+/// An HTTPS upstream on a free loopback port offering HTTP/2 and HTTP/1.1.
+async fn https_upstream(cert: CertificateDer<'static>, key: PrivateKeyDer<'static>) -> (u16, Seen) {
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Seen::default();
+    let seen2 = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (acceptor, seen) = (acceptor.clone(), seen2.clone());
+            tokio::spawn(async move {
+                // A client that rejects our certificate ends the handshake: not an error here.
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let service = service_fn(move |req| answer(req, seen.clone()));
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+/// `llm-audit serve` in front of `upstream`, with `SSL_CERT_FILE` when given.
+async fn serve(dir: &Path, upstream: &str, cert_file: Option<&Path>) -> (Reap, SocketAddr) {
+    let stderr = dir.join("stderr.log");
+    let mut cmd = llm_audit();
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ])
+    .args(["--upstream", upstream])
+    .arg("--db")
+    .arg(dir.join("audit.db"))
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&stderr).unwrap());
+    if let Some(f) = cert_file {
+        cmd.env("SSL_CERT_FILE", f);
+    }
+    let mut child: Child = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+        if let Some(addr) = log
+            .lines()
+            .find_map(|l| l.strip_prefix("listening on http://"))
+        {
+            return (Reap(child), addr.trim().parse().unwrap());
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("llm-audit serve exited early ({status}):\n{log}");
+        }
+        assert!(Instant::now() < deadline, "no listening line:\n{log}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn rows(db: &Path) -> Vec<(i64, String, Option<String>)> {
+    let conn = rusqlite::Connection::open(db).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT status_code, outcome, error_message FROM audit_logs ORDER BY id")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+/// Rows are committed within the flush interval.
+async fn wait_rows(db: &Path, n: usize) -> Vec<(i64, String, Option<String>)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = rows(db);
+        if got.len() >= n || Instant::now() > deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "gpt-4.1-mini", "stream": stream,
+           "messages": [{"role": "user", "content": "Say something over TLS."}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_upstream_is_verified_and_spoken_to_over_http2() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca_pem, cert, key) = certificates(dir.path());
+    let (port, seen) = https_upstream(cert, key).await;
+    let (_proxy, addr) = serve(
+        dir.path(),
+        &format!("https://localhost:{port}/v1"),
+        Some(&ca_pem),
+    )
+    .await;
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let url = format!("http://{addr}/v1/chat/completions");
+
+    let resp = client
+        .post(&url)
+        .bearer_auth(KEY)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), ANSWER, "bytes pass unchanged");
+
+    let resp = client
+        .post(&url)
+        .bearer_auth(KEY)
+        .json(&chat(true))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let sse = resp.text().await.unwrap();
+    assert!(sse.contains("\"over \"") && sse.contains("[DONE]"), "{sse}");
+    assert!(
+        !sse.contains("\"usage\""),
+        "the injected usage chunk stays hidden: {sse}"
+    );
+
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for (version, auth) in &seen {
+        assert_eq!(*version, Version::HTTP_2, "ALPN chose h2");
+        assert_eq!(auth.as_deref(), Some(format!("Bearer {KEY}").as_str()));
+    }
+    let rows = wait_rows(&dir.path().join("audit.db"), 2).await;
+    assert_eq!(
+        rows.iter()
+            .map(|(s, o, _)| (*s, o.as_str()))
+            .collect::<Vec<_>>(),
+        [(200, "ok"), (200, "ok")],
+        "{rows:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_certificate_nobody_vouches_for_is_a_recorded_502() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_ca_pem, cert, key) = certificates(dir.path());
+    let (port, seen) = https_upstream(cert, key).await;
+    // The system's roots only: the test CA is not among them.
+    let (_proxy, addr) = serve(dir.path(), &format!("https://localhost:{port}/v1"), None).await;
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    let body: Value = resp.json().await.unwrap();
+    let message = body["error"]["message"].as_str().unwrap().to_owned();
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+    assert!(
+        message.to_lowercase().contains("certificate"),
+        "the reason is named: {message}"
+    );
+    assert!(seen.lock().unwrap().is_empty(), "no request got through");
+    let rows = wait_rows(&dir.path().join("audit.db"), 1).await;
+    assert_eq!(rows.len(), 1);
+    assert_eq!((rows[0].0, rows[0].1.as_str()), (502, "error"));
+    assert_eq!(rows[0].2.as_deref(), Some(message.as_str()));
+}
