@@ -32,6 +32,13 @@ type Seen = Arc<Mutex<Vec<(Version, Option<String>)>>>;
 
 /// A test CA (PEM file in `dir`) and a `localhost` server certificate it signed.
 fn certificates(dir: &Path) -> (PathBuf, CertificateDer<'static>, PrivateKeyDer<'static>) {
+    certificates_for(dir, "localhost")
+}
+
+fn certificates_for(
+    dir: &Path,
+    host: &str,
+) -> (PathBuf, CertificateDer<'static>, PrivateKeyDer<'static>) {
     let ca_key = KeyPair::generate().unwrap();
     let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -40,7 +47,7 @@ fn certificates(dir: &Path) -> (PathBuf, CertificateDer<'static>, PrivateKeyDer<
     let ca_cert = ca.self_signed(&ca_key).unwrap();
     let issuer = Issuer::new(ca, ca_key);
     let leaf_key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+    let leaf = CertificateParams::new(vec![host.to_owned()])
         .unwrap()
         .signed_by(&leaf_key, &issuer)
         .unwrap();
@@ -119,6 +126,15 @@ async fn https_upstream(cert: CertificateDer<'static>, key: PrivateKeyDer<'stati
 
 /// `llm-audit serve` in front of `upstream`, with `SSL_CERT_FILE` when given.
 async fn serve(dir: &Path, upstream: &str, cert_file: Option<&Path>) -> (Reap, SocketAddr) {
+    serve_with(dir, upstream, cert_file, &[]).await
+}
+
+async fn serve_with(
+    dir: &Path,
+    upstream: &str,
+    cert_file: Option<&Path>,
+    envs: &[(&str, &str)],
+) -> (Reap, SocketAddr) {
     let stderr = dir.join("stderr.log");
     let mut cmd = llm_audit();
     cmd.args([
@@ -136,6 +152,7 @@ async fn serve(dir: &Path, upstream: &str, cert_file: Option<&Path>) -> (Reap, S
     if let Some(f) = cert_file {
         cmd.env("SSL_CERT_FILE", f);
     }
+    cmd.envs(envs.iter().copied());
     let mut child: Child = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
@@ -267,4 +284,86 @@ async fn an_upstream_certificate_nobody_vouches_for_is_a_recorded_502() {
     assert_eq!(rows.len(), 1);
     assert_eq!((rows[0].0, rows[0].1.as_str()), (502, "error"));
     assert_eq!(rows[0].2.as_deref(), Some(message.as_str()));
+}
+
+/// An HTTP CONNECT proxy on a free loopback port that tunnels every host to 127.0.0.1 and
+/// remembers the targets it was asked for.
+async fn connect_proxy() -> (u16, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let asked = Arc::new(Mutex::new(Vec::new()));
+    let asked2 = asked.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let asked = asked2.clone();
+            tokio::spawn(async move {
+                let mut client = tokio::io::BufReader::new(tcp);
+                let mut line = String::new();
+                client.read_line(&mut line).await.unwrap();
+                // "CONNECT host:port HTTP/1.1"; then headers up to a blank line.
+                let target = line
+                    .split_whitespace()
+                    .nth(1)
+                    .unwrap_or_default()
+                    .to_owned();
+                loop {
+                    let mut h = String::new();
+                    client.read_line(&mut h).await.unwrap();
+                    if h == "\r\n" || h.is_empty() {
+                        break;
+                    }
+                }
+                asked.lock().unwrap().push(target.clone());
+                let port = target.rsplit(':').next().unwrap_or_default();
+                let mut upstream = tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+                    .await
+                    .unwrap();
+                client
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (port, asked)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_proxy_from_the_environment_tunnels_to_a_remote_upstream() {
+    let dir = tempfile::tempdir().unwrap();
+    // A name only the tunnel resolves: the proxy, not llm-audit, connects to it.
+    let (ca_pem, cert, key) = certificates_for(dir.path(), "api.upstream.test");
+    let (port, seen) = https_upstream(cert, key).await;
+    let (proxy_port, asked) = connect_proxy().await;
+    let proxy_url = format!("http://127.0.0.1:{proxy_port}");
+    let (_proxy, addr) = serve_with(
+        dir.path(),
+        &format!("https://api.upstream.test:{port}/v1"),
+        Some(&ca_pem),
+        &[("HTTPS_PROXY", &proxy_url)],
+    )
+    .await;
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat(false))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), ANSWER);
+    assert_eq!(
+        asked.lock().unwrap().clone(),
+        [format!("api.upstream.test:{port}")]
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    let rows = wait_rows(&dir.path().join("audit.db"), 1).await;
+    assert_eq!((rows[0].0, rows[0].1.as_str()), (200, "ok"));
 }
