@@ -66,6 +66,14 @@ pub fn tls_client_config() -> Result<rustls::ClientConfig, rustls::Error> {
 const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
+/// Lower-case hex of `bytes` (trace and span ids: the ids' own `Display` runs the formatting
+/// machinery on a `u128`).
+pub fn hex_string(bytes: &[u8]) -> String {
+    let mut out = vec![0u8; bytes.len() * 2];
+    hex_into(bytes, &mut out);
+    String::from_utf8(out).unwrap_or_default()
+}
+
 fn hex_into(bytes: &[u8], out: &mut [u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
@@ -120,6 +128,10 @@ mod tests {
             assert_eq!(ours, sdk);
             assert!(ours.contains_key("traceparent"));
         }
+        let id = TraceId::from(0x0af7651916cd43dd8448eb211c80319c_u128);
+        assert_eq!(hex_string(&id.to_bytes()), id.to_string());
+        let id = SpanId::from(0x00f067aa0ba902b7_u64);
+        assert_eq!(hex_string(&id.to_bytes()), id.to_string());
         let mut none = HeaderMap::new();
         inject_trace_context(&opentelemetry::Context::new(), &mut none);
         assert!(none.is_empty());

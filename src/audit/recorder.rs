@@ -227,6 +227,9 @@ impl CallEnd {
 pub struct InFlight {
     recorder: Recorder,
     span: Span,
+    /// The span's OpenTelemetry context, looked up once: every look-up goes through the
+    /// subscriber and the layer (callgrind: ~2.5k instructions each).
+    otel: opentelemetry::Context,
     start: Instant,
     timestamp: String,
     request_id: String,
@@ -423,6 +426,7 @@ impl Recorder {
         InFlight {
             recorder: self.clone(),
             span,
+            otel: otel_cx,
             start,
             timestamp,
             request_id,
@@ -466,6 +470,12 @@ impl InFlight {
     /// The call's span: make attempt spans its children, inject its context upstream.
     pub fn span(&self) -> &Span {
         &self.span
+    }
+
+    /// The span's OpenTelemetry context (to inject `traceparent` upstream); holds no valid span
+    /// when spans are not exported.
+    pub fn otel_context(&self) -> &opentelemetry::Context {
+        &self.otel
     }
 
     /// The record's id (for the `x-llm-audit-request-id` header).
@@ -538,12 +548,12 @@ impl InFlight {
             .map(|(_, m)| m.clone())
             .or_else(|| resp.error_message.clone())
             .map(|m| redact_secrets(&m).into_owned());
-        let otel_cx = span.context();
+        let otel_cx = std::mem::take(&mut self.otel);
         let span_cx = otel_cx.span().span_context().clone();
         let (trace_id, span_id) = if span_cx.is_valid() {
             (
-                Some(span_cx.trace_id().to_string()),
-                Some(span_cx.span_id().to_string()),
+                Some(crate::wire::hex_string(&span_cx.trace_id().to_bytes())),
+                Some(crate::wire::hex_string(&span_cx.span_id().to_bytes())),
             )
         } else {
             (None, None)

@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use http_body_util::{BodyDataStream, BodyExt as _};
 use hyper::body::Incoming;
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use super::error::ProxyError;
 use super::identity::{client_ip, header_user, parent_context};
@@ -141,7 +140,7 @@ pub async fn audited(
     let mut upstream_headers = forward_headers(&headers, &state);
     // Answers must be readable to be audited: ask for them uncompressed.
     upstream_headers.remove("accept-encoding");
-    inject_trace_context(&flight.span().context(), &mut upstream_headers);
+    inject_trace_context(flight.otel_context(), &mut upstream_headers);
     if !upstream_headers.contains_key("traceparent") {
         // Spans are not exported here: the client's trace still continues upstream.
         for name in ["traceparent", "tracestate"] {

@@ -42,7 +42,8 @@ pub fn canonical_bytes(r: &AuditRecord) -> String {
         }};
         (int $v:expr) => {{
             sep(&mut out);
-            out.push_str(&$v.to_string());
+            // Same digits as `to_string`, without an allocation per field.
+            out.push_str(itoa::Buffer::new().format($v));
         }};
         (float $v:expr) => {{
             sep(&mut out);
