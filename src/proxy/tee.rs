@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use futures_util::Stream;
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::error::ProxyError;
@@ -38,6 +38,9 @@ pub struct TeeBody {
     /// Fires when shutdown's grace period is over: the stream ends and is recorded now, while
     /// the store still takes records.
     abort: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// The same signal as a flag: checked while chunks flow, so the future above is polled
+    /// (its waker registered) only before this body waits.
+    abort_flag: CancellationToken,
     /// Keeps shutdown waiting until this stream's record is written.
     _in_flight: TaskTrackerToken,
 }
@@ -91,6 +94,7 @@ impl TeeBody {
             returned_item: false,
             done: false,
             abort: Box::pin(shutdown.abort.clone().cancelled_owned()),
+            abort_flag: shutdown.abort.clone(),
             _in_flight: shutdown.tracker.token(),
         }
     }
@@ -142,7 +146,7 @@ impl Stream for TeeBody {
             if this.done {
                 return Poll::Ready(None);
             }
-            if this.abort.as_mut().poll(cx).is_ready() {
+            if this.abort_flag.is_cancelled() {
                 this.done = true;
                 let err = ProxyError::ShuttingDown;
                 this.guard
@@ -179,6 +183,10 @@ impl Stream for TeeBody {
                     return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                 }
                 Poll::Pending => {
+                    if this.abort.as_mut().poll(cx).is_ready() {
+                        // Shutdown's grace period ended: handled at the top of the loop.
+                        continue;
+                    }
                     while this.idle_timer.as_mut().poll(cx).is_ready() {
                         let deadline = this.last_activity + this.idle;
                         if deadline > this.idle_timer.deadline() {
@@ -225,7 +233,7 @@ fn complete_events_len(buf: &[u8]) -> usize {
 /// `events` without the usage-only chunk (`"choices":[]` with usage); a trailing event without
 /// its blank line counts as one more event.
 fn without_usage_only_events(events: Bytes) -> Bytes {
-    if events.is_empty() || !contains(&events, b"\"usage\"") {
+    if events.is_empty() || !has_usage_key(&events) {
         return events;
     }
     let mut out = BytesMut::with_capacity(events.len());
@@ -241,7 +249,7 @@ fn without_usage_only_events(events: Bytes) -> Bytes {
 }
 
 fn is_usage_only(event: &[u8]) -> bool {
-    if !contains(event, b"\"usage\"") {
+    if !has_usage_key(event) {
         return false;
     }
     let data: Vec<u8> = event
@@ -264,8 +272,12 @@ fn is_usage_only(event: &[u8]) -> bool {
         .is_ok_and(|c| c.usage.is_some() && c.choices.is_some_and(|ch| ch.is_empty()))
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    memchr::memmem::find(haystack, needle).is_some()
+/// Whether `bytes` hold `"usage"`. The searcher is built once: building a memchr `Finder`
+/// per call cost more than the search (callgrind: ~1k instructions per chunk).
+fn has_usage_key(bytes: &[u8]) -> bool {
+    static USAGE: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\"usage\""));
+    USAGE.find(bytes).is_some()
 }
 
 #[cfg(test)]
