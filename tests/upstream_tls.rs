@@ -8,7 +8,7 @@ mod support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 
-use support::{Reap, llm_audit};
+use support::{Lines, Reap, llm_audit};
 
 const ANSWER: &str = r#"{"id":"chatcmpl-tls","object":"chat.completion","created":1764000000,"model":"gpt-4.1-mini-2025-04-14","choices":[{"index":0,"message":{"role":"assistant","content":"over TLS"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}"#;
 const KEY: &str = "sk-proj-tLsKeY0123456789abcdefABCDEFghijkl";
@@ -135,7 +135,6 @@ async fn serve_with(
     cert_file: Option<&Path>,
     envs: &[(&str, &str)],
 ) -> (Reap, SocketAddr) {
-    let stderr = dir.join("stderr.log");
     let mut cmd = llm_audit();
     cmd.args([
         "serve",
@@ -147,28 +146,22 @@ async fn serve_with(
     .args(["--upstream", upstream])
     .arg("--db")
     .arg(dir.join("audit.db"))
+    .envs(envs.iter().copied())
     .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&stderr).unwrap());
+    .stderr(Stdio::piped());
     if let Some(f) = cert_file {
         cmd.env("SSL_CERT_FILE", f);
     }
-    cmd.envs(envs.iter().copied());
-    let mut child: Child = cmd.spawn().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let log = std::fs::read_to_string(&stderr).unwrap_or_default();
-        if let Some(addr) = log
-            .lines()
-            .find_map(|l| l.strip_prefix("listening on http://"))
-        {
-            return (Reap(child), addr.trim().parse().unwrap());
-        }
-        if let Some(status) = child.try_wait().unwrap() {
-            panic!("llm-audit serve exited early ({status}):\n{log}");
-        }
-        assert!(Instant::now() < deadline, "no listening line:\n{log}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let mut child = cmd.spawn().unwrap();
+    let lines = Lines::read(child.stderr.take().unwrap());
+    let addr = lines.wait_for(Duration::from_secs(20), |l| {
+        l.strip_prefix("listening on http://")?.trim().parse().ok()
+    });
+    let Some(addr) = addr else {
+        panic!("no listening line:\n{}", lines.so_far());
+    };
+    // `Lines`' reader thread keeps draining stderr after this, so the proxy never blocks on it.
+    (Reap(child), addr)
 }
 
 fn rows(db: &Path) -> Vec<(i64, String, Option<String>)> {
@@ -194,6 +187,20 @@ async fn wait_rows(db: &Path, n: usize) -> Vec<(i64, String, Option<String>)> {
     }
 }
 
+/// A chat call to the proxy at `addr` with the client's key.
+async fn post_chat(addr: SocketAddr, stream: bool) -> reqwest::Response {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("http://{addr}/v1/chat/completions"))
+        .bearer_auth(KEY)
+        .json(&chat(stream))
+        .send()
+        .await
+        .unwrap()
+}
+
 fn chat(stream: bool) -> Value {
     json!({"model": "gpt-4.1-mini", "stream": stream,
            "messages": [{"role": "user", "content": "Say something over TLS."}]})
@@ -210,26 +217,11 @@ async fn an_https_upstream_is_verified_and_spoken_to_over_http2() {
         Some(&ca_pem),
     )
     .await;
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let url = format!("http://{addr}/v1/chat/completions");
-
-    let resp = client
-        .post(&url)
-        .bearer_auth(KEY)
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(addr, false).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), ANSWER, "bytes pass unchanged");
 
-    let resp = client
-        .post(&url)
-        .bearer_auth(KEY)
-        .json(&chat(true))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(addr, true).await;
     assert_eq!(resp.status(), 200);
     let sse = resp.text().await.unwrap();
     assert!(sse.contains("\"over \"") && sse.contains("[DONE]"), "{sse}");
@@ -261,16 +253,7 @@ async fn an_upstream_certificate_nobody_vouches_for_is_a_recorded_502() {
     let (port, seen) = https_upstream(cert, key).await;
     // The system's roots only: the test CA is not among them.
     let (_proxy, addr) = serve(dir.path(), &format!("https://localhost:{port}/v1"), None).await;
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(addr, false).await;
     assert_eq!(resp.status(), 502);
     let body: Value = resp.json().await.unwrap();
     let message = body["error"]["message"].as_str().unwrap().to_owned();
@@ -347,16 +330,7 @@ async fn https_proxy_from_the_environment_tunnels_to_a_remote_upstream() {
         &[("HTTPS_PROXY", &proxy_url)],
     )
     .await;
-    let resp = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .unwrap()
-        .post(format!("http://{addr}/v1/chat/completions"))
-        .bearer_auth(KEY)
-        .json(&chat(false))
-        .send()
-        .await
-        .unwrap();
+    let resp = post_chat(addr, false).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.text().await.unwrap(), ANSWER);
     assert_eq!(

@@ -13,12 +13,12 @@ use axum::http::{HeaderMap, Method, Request, Response, Uri};
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_rustls::{HttpsConnector, HttpsConnectorBuilder};
-use hyper_util::client::legacy::Client as Pooled;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::proxy::matcher::Matcher;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::wire::{PooledClient, http_connector, https, pooled};
 
 /// Why the client could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -38,8 +38,8 @@ pub struct Upstream {
 
 #[derive(Clone, Debug)]
 enum Route {
-    Direct(Pooled<HttpsConnector<HttpConnector>, Full<Bytes>>),
-    Tunnel(Pooled<HttpsConnector<Tunnel<HttpConnector>>, Full<Bytes>>),
+    Direct(PooledClient<HttpsConnector<HttpConnector>>),
+    Tunnel(PooledClient<HttpsConnector<Tunnel<HttpConnector>>>),
 }
 
 /// A failed exchange, classified the way the proxy answers it.
@@ -56,11 +56,8 @@ impl Upstream {
     /// timeout. `loopback` upstreams never go through an environment proxy.
     pub fn new(base: &str, connect_timeout: Duration, loopback: bool) -> Result<Self, ClientError> {
         let base: Arc<str> = Arc::from(base.trim_end_matches('/'));
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(connect_timeout));
-        http.set_nodelay(true);
-        http.enforce_http(false);
-        let tls = crate::wire::tls_client_config().map_err(|e| ClientError::Tls(e.to_string()))?;
+        let http = http_connector(connect_timeout);
+        let tls_error = |e: rustls::Error| ClientError::Tls(e.to_string());
         let proxy = if loopback {
             None
         } else {
@@ -69,13 +66,13 @@ impl Upstream {
                 .and_then(|uri| Matcher::from_env().intercept(&uri))
         };
         let client = match proxy {
-            None => Route::Direct(pooled(https(tls, http))),
+            None => Route::Direct(pooled(https(http).map_err(tls_error)?)),
             Some(intercept) => {
                 let mut tunnel = Tunnel::new(intercept.uri().clone(), http);
                 if let Some(auth) = intercept.basic_auth() {
                     tunnel = tunnel.with_auth(auth.clone());
                 }
-                Route::Tunnel(pooled(https(tls, tunnel)))
+                Route::Tunnel(pooled(https(tunnel).map_err(tls_error)?))
             }
         };
         Ok(Self { client, base })
@@ -126,29 +123,6 @@ impl Upstream {
             }
         })
     }
-}
-
-fn https<T>(tls: rustls::ClientConfig, inner: T) -> HttpsConnector<T> {
-    HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(inner)
-}
-
-fn pooled<C>(connector: C) -> Pooled<C, Full<Bytes>>
-where
-    C: hyper_util::client::legacy::connect::Connect + Clone,
-{
-    Pooled::builder(TokioExecutor::new())
-        // An idle pool smaller than the concurrency costs a TCP (and TLS) handshake per
-        // request once it overflows (STACK.md: +29 µs and half the throughput).
-        .pool_max_idle_per_host(1024)
-        .pool_idle_timeout(Duration::from_secs(90))
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .build(connector)
 }
 
 #[cfg(test)]

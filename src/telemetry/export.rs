@@ -17,9 +17,7 @@ use axum::http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri};
 use bytes::{Buf as _, BufMut as _, Bytes};
 use http_body_util::{BodyExt as _, Full};
-use hyper_util::client::legacy::Client as Pooled;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
@@ -28,6 +26,7 @@ use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{OtlpProtocol, TelemetryConfig, TelemetryError};
+use crate::wire::PooledClient;
 
 const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 /// Attempts per batch for errors the OTLP specification calls retryable.
@@ -54,7 +53,7 @@ enum Transport {
 
 #[derive(Clone, Debug)]
 struct HttpTarget {
-    client: Pooled<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    client: PooledClient<hyper_rustls::HttpsConnector<HttpConnector>>,
     uri: Uri,
     headers: HeaderMap,
     gzip: bool,
@@ -101,21 +100,9 @@ impl WireExporter {
                 }
             }
             OtlpProtocol::HttpProtobuf => {
-                let mut http = HttpConnector::new();
-                http.set_connect_timeout(Some(cfg.timeout));
-                http.set_nodelay(true);
-                http.enforce_http(false);
-                let tls = crate::wire::tls_client_config()
+                let client = crate::wire::https(crate::wire::http_connector(cfg.timeout))
+                    .map(crate::wire::pooled)
                     .map_err(|e| bad(format!("OTLP TLS set-up: {e}")))?;
-                let connector = hyper_rustls::HttpsConnectorBuilder::new()
-                    .with_tls_config(tls)
-                    .https_or_http()
-                    .enable_http1()
-                    .wrap_connector(http);
-                let client = Pooled::builder(TokioExecutor::new())
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .build(connector);
                 let mut headers = HeaderMap::new();
                 for (k, v) in &cfg.headers {
                     let name = HeaderName::from_bytes(k.as_bytes())
