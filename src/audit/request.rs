@@ -92,13 +92,7 @@ impl ParsedRequest {
         body: &[u8],
         hash_key: Option<&Secret>,
     ) -> Result<Self, RequestError> {
-        // One UTF-8 check of the whole body, then a parse that does not re-check each string;
-        // a body that is not UTF-8 goes to the slice reader for its precise error.
-        let parsed = match std::str::from_utf8(body) {
-            Ok(text) => serde_json::from_str::<MapOnly<RawRequest>>(text),
-            Err(_) => serde_json::from_slice::<MapOnly<RawRequest>>(body),
-        };
-        let MapOnly(raw) = parsed.map_err(|e| {
+        let MapOnly(raw) = super::parse_json::<MapOnly<RawRequest>>(body).map_err(|e| {
             if e.classify() == Category::Data && !e.to_string().contains("duplicate field") {
                 RequestError::NotObject
             } else {

@@ -216,20 +216,11 @@ struct RawAnswer {
 
 /// Parses a non-streaming JSON answer.
 pub fn parse_json_response(body: &[u8]) -> Result<ResponseSummary, UsageError> {
-    let raw = parse_raw(body).map_err(|e| UsageError::NotJson(e.to_string()))?;
+    let raw =
+        super::parse_json::<RawAnswer>(body).map_err(|e| UsageError::NotJson(e.to_string()))?;
     let mut summary = ResponseSummary::default();
     absorb(&mut summary, raw);
     Ok(summary)
-}
-
-/// One UTF-8 check of the whole text, then a parse that does not re-check every string (serde's
-/// slice reader validates each string it reads: ~5 % of a streamed call's instructions).
-fn parse_raw(bytes: &[u8]) -> serde_json::Result<RawAnswer> {
-    match std::str::from_utf8(bytes) {
-        Ok(text) => serde_json::from_str(text),
-        // Not UTF-8: let the slice reader say where and why.
-        Err(_) => serde_json::from_slice(bytes),
-    }
 }
 
 fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
@@ -478,7 +469,7 @@ impl SseScanner {
             return;
         }
         self.events += 1;
-        match parse_raw(&data) {
+        match super::parse_json::<RawAnswer>(&data) {
             Ok(raw) => absorb(&mut self.summary, raw),
             Err(_) => self.summary.bad_events += 1,
         }

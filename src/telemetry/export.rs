@@ -22,7 +22,7 @@ use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter};
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
-use tonic::metadata::{MetadataKey, MetadataMap, MetadataValue};
+use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use super::{OtlpProtocol, TelemetryConfig, TelemetryError};
@@ -74,6 +74,15 @@ impl WireExporter {
             .parse()
             .map_err(|e| bad(format!("invalid OTLP endpoint {endpoint:?}: {e}")))?;
         let https = uri.scheme_str() == Some("https");
+        // `OTEL_EXPORTER_OTLP_HEADERS`: HTTP headers, or gRPC metadata (the same on the wire).
+        let mut headers = HeaderMap::new();
+        for (k, v) in &cfg.headers {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| bad(format!("invalid OTLP header name {k:?}")))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| bad(format!("invalid value for OTLP header {k:?}")))?;
+            headers.append(name, value);
+        }
         let transport = match cfg.protocol {
             OtlpProtocol::Grpc => {
                 let mut ep = Endpoint::from_shared(endpoint.clone())
@@ -85,17 +94,9 @@ impl WireExporter {
                         .tls_config(ClientTlsConfig::new().with_native_roots())
                         .map_err(|e| bad(format!("OTLP TLS set-up: {e}")))?;
                 }
-                let mut metadata = MetadataMap::new();
-                for (k, v) in &cfg.headers {
-                    let key = MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
-                        .map_err(|_| bad(format!("invalid OTLP header name {k:?}")))?;
-                    let value = MetadataValue::try_from(v.as_str())
-                        .map_err(|_| bad(format!("invalid value for OTLP header {k:?}")))?;
-                    metadata.append(key, value);
-                }
                 Transport::Grpc {
                     channel: ep.connect_lazy(),
-                    metadata,
+                    metadata: MetadataMap::from_headers(headers),
                     gzip: cfg.gzip,
                 }
             }
@@ -103,14 +104,7 @@ impl WireExporter {
                 let client = crate::wire::https(crate::wire::http_connector(cfg.timeout))
                     .map(crate::wire::pooled)
                     .map_err(|e| bad(format!("OTLP TLS set-up: {e}")))?;
-                let mut headers = HeaderMap::new();
-                for (k, v) in &cfg.headers {
-                    let name = HeaderName::from_bytes(k.as_bytes())
-                        .map_err(|_| bad(format!("invalid OTLP header name {k:?}")))?;
-                    let value = HeaderValue::from_str(v)
-                        .map_err(|_| bad(format!("invalid value for OTLP header {k:?}")))?;
-                    headers.append(name, value);
-                }
+                let mut headers = headers;
                 headers.insert(
                     CONTENT_TYPE,
                     HeaderValue::from_static("application/x-protobuf"),
