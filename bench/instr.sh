@@ -14,29 +14,13 @@ SHORT=${SHORT:-2} LONG=${LONG:-8}
 P_UP=28080 P_PROXY=28081 P_METRICS=29464 P_OTLP=24317
 REL=target/release
 WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-wait_port() { for _ in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 not up" >&2; exit 2; }
+source bench/common.sh
 
 taskset -c 1 "$REL/examples/bench_upstream" 127.0.0.1:$P_UP 2>"$WORK/upstream.log" & PIDS+=($!)
 taskset -c 1 "$REL/examples/otlp_sink" 127.0.0.1:$P_OTLP 2>"$WORK/otlp.log" & PIDS+=($!)
 wait_port $P_UP; wait_port $P_OTLP
-cat >"$WORK/nginx.conf" <<NGX
-master_process off;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream up { server 127.0.0.1:$P_UP; keepalive 1024; }
-  server {
-    listen 127.0.0.1:$P_PROXY;
-    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }
-  }
-}
-NGX
+# One process: callgrind follows no children.
+nginx_conf "$WORK/nginx.conf" "$WORK" $P_PROXY $P_UP "master_process off;"
 
 # one SECONDS → "instructions requests" for one start-to-exit run of the target
 one() {

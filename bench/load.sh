@@ -20,11 +20,7 @@ cargo build -q --release --bin llm-audit --example bench_upstream --example load
 
 REL=target/release
 WORK=$(mktemp -d)
-PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
-trap cleanup EXIT
-
-wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.05; done; echo "port $1 not up" >&2; exit 2; }
+source bench/common.sh
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }                 # utime + stime, in clock ticks
 rss_kb() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 hwm_kb() { awk '/^VmHWM/ {print $2}' "/proc/$1/status"; }
@@ -40,26 +36,7 @@ OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:$P_OTLP RUST_LOG=warn taskset -c 0 
 PIDS+=($PROXY)
 wait_port $P_PROXY
 
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes 1;
-daemon off;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  upstream up { server 127.0.0.1:$P_UP; keepalive 1024; }
-  server {
-    listen 127.0.0.1:$P_NGINX;
-    location / {
-      proxy_pass http://up;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_buffering off;
-    }
-  }
-}
-EOF
+nginx_conf "$WORK/nginx.conf" "$WORK" $P_NGINX $P_UP "worker_processes 1;"
 taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" & PIDS+=($!)
 wait_port $P_NGINX
 sleep 0.5
