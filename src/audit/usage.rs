@@ -5,6 +5,7 @@
 //! details), so every field is optional and a malformed usage block never hides the rest of the
 //! answer: it is reported in [`ResponseSummary::usage_error`] and the counts are estimated.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
 
@@ -118,54 +119,96 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for MapOnly<T> {
     }
 }
 
-/// Message content: a string, or a list of parts whose `text` is kept. Read without building
-/// a `serde_json::Value` (this runs for every answer and every stream chunk).
+/// A JSON string borrowed from the input when it has no escapes (most ids, models and stream
+/// deltas), owned otherwise: a stream chunk is read without allocating for its strings.
 #[derive(Default)]
-struct Content(String);
+struct Text<'a>(Cow<'a, str>);
 
-#[derive(Deserialize, Default)]
-#[serde(default)]
-struct ContentPart {
-    text: Option<String>,
-}
-
-impl<'de> Deserialize<'de> for Content {
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
         impl<'de> Visitor<'de> for V {
-            type Value = Content;
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl Text<'_> {
+    fn into_string(self) -> String {
+        self.0.into_owned()
+    }
+}
+
+/// Message content: a string, or a list of parts whose `text` is kept. Read without building
+/// a `serde_json::Value` (this runs for every answer and every stream chunk).
+#[derive(Default)]
+struct Content<'a>(Cow<'a, str>);
+
+#[derive(Deserialize, Default)]
+#[serde(default)]
+struct ContentPart<'a> {
+    #[serde(borrow)]
+    text: Option<Text<'a>>,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Content<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Content<'de>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("message content")
             }
-            fn visit_str<E>(self, v: &str) -> Result<Content, E> {
-                Ok(Content(v.to_owned()))
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Content<'de>, E> {
+                Ok(Content(Cow::Borrowed(v)))
             }
-            fn visit_string<E>(self, v: String) -> Result<Content, E> {
-                Ok(Content(v))
+            fn visit_str<E>(self, v: &str) -> Result<Content<'de>, E> {
+                Ok(Content(Cow::Owned(v.to_owned())))
             }
-            fn visit_unit<E>(self) -> Result<Content, E> {
+            fn visit_string<E>(self, v: String) -> Result<Content<'de>, E> {
+                Ok(Content(Cow::Owned(v)))
+            }
+            fn visit_unit<E>(self) -> Result<Content<'de>, E> {
                 Ok(Content::default())
             }
-            fn visit_none<E>(self) -> Result<Content, E> {
+            fn visit_none<E>(self) -> Result<Content<'de>, E> {
                 Ok(Content::default())
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Content, E> {
+            fn visit_bool<E>(self, _: bool) -> Result<Content<'de>, E> {
                 Ok(Content::default())
             }
-            fn visit_i64<E>(self, _: i64) -> Result<Content, E> {
+            fn visit_i64<E>(self, _: i64) -> Result<Content<'de>, E> {
                 Ok(Content::default())
             }
-            fn visit_u64<E>(self, _: u64) -> Result<Content, E> {
+            fn visit_u64<E>(self, _: u64) -> Result<Content<'de>, E> {
                 Ok(Content::default())
             }
-            fn visit_f64<E>(self, _: f64) -> Result<Content, E> {
+            fn visit_f64<E>(self, _: f64) -> Result<Content<'de>, E> {
                 Ok(Content::default())
             }
-            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Content, A::Error> {
-                let parts = Vec::<ContentPart>::deserialize(SeqAccessDeserializer::new(seq))?;
-                Ok(Content(parts.into_iter().filter_map(|p| p.text).collect()))
+            fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Content<'de>, A::Error> {
+                let parts = Vec::<ContentPart<'de>>::deserialize(SeqAccessDeserializer::new(seq))?;
+                let text: String = parts
+                    .iter()
+                    .filter_map(|p| p.text.as_ref())
+                    .map(|t| &*t.0)
+                    .collect();
+                Ok(Content(Cow::Owned(text)))
             }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Content, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Content<'de>, A::Error> {
                 while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
                 Ok(Content::default())
             }
@@ -176,18 +219,24 @@ impl<'de> Deserialize<'de> for Content {
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct RawMessage {
-    content: Option<Content>,
-    reasoning_content: Option<String>,
+struct RawMessage<'a> {
+    #[serde(borrow)]
+    content: Option<Content<'a>>,
+    #[serde(borrow)]
+    reasoning_content: Option<Text<'a>>,
 }
 
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct RawChoice {
-    message: Option<RawMessage>,
-    delta: Option<RawMessage>,
-    text: Option<String>,
-    finish_reason: Option<String>,
+struct RawChoice<'a> {
+    #[serde(borrow)]
+    message: Option<RawMessage<'a>>,
+    #[serde(borrow)]
+    delta: Option<RawMessage<'a>>,
+    #[serde(borrow)]
+    text: Option<Text<'a>>,
+    #[serde(borrow)]
+    finish_reason: Option<Text<'a>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -199,19 +248,26 @@ struct RawError {
 /// Chat/completions/embeddings bodies, chat chunks, Responses objects and Responses events.
 #[derive(Deserialize, Default)]
 #[serde(default)]
-struct RawAnswer {
-    id: Option<String>,
-    model: Option<String>,
-    choices: Option<Vec<RawChoice>>,
-    usage: Option<Box<RawValue>>,
-    error: Option<Box<RawValue>>,
+struct RawAnswer<'a> {
+    #[serde(borrow)]
+    id: Option<Text<'a>>,
+    #[serde(borrow)]
+    model: Option<Text<'a>>,
+    #[serde(borrow)]
+    choices: Option<Vec<RawChoice<'a>>>,
+    #[serde(borrow)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow)]
+    error: Option<&'a RawValue>,
     // Responses API
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    status: Option<String>,
+    #[serde(rename = "type", borrow)]
+    kind: Option<Text<'a>>,
+    #[serde(borrow)]
+    status: Option<Text<'a>>,
     output: Option<Vec<Value>>,
     delta: Option<Value>,
-    response: Option<Box<RawAnswer>>,
+    #[serde(borrow)]
+    response: Option<Box<RawAnswer<'a>>>,
 }
 
 /// Parses a non-streaming JSON answer.
@@ -223,12 +279,13 @@ pub fn parse_json_response(body: &[u8]) -> Result<ResponseSummary, UsageError> {
     Ok(summary)
 }
 
-fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
+fn absorb(summary: &mut ResponseSummary, raw: RawAnswer<'_>) {
+    // Ids and model are copied once per answer, not once per stream chunk.
     if summary.id.is_none() {
-        summary.id = raw.id;
+        summary.id = raw.id.map(Text::into_string);
     }
     if summary.model.is_none() {
-        summary.model = raw.model;
+        summary.model = raw.model.map(Text::into_string);
     }
     if let Some(err) = raw.error.filter(|e| e.get() != "null") {
         summary.error_message = Some(error_text(err.get()));
@@ -236,17 +293,17 @@ fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
     for choice in raw.choices.unwrap_or_default() {
         for msg in [choice.message, choice.delta].into_iter().flatten() {
             if let Some(reasoning) = msg.reasoning_content {
-                push_text(&mut summary.reasoning_text, &reasoning);
+                push_text(&mut summary.reasoning_text, &reasoning.0);
             }
             if let Some(Content(text)) = msg.content {
                 push_text(&mut summary.text, &text);
             }
         }
         if let Some(t) = choice.text {
-            push_text(&mut summary.text, &t);
+            push_text(&mut summary.text, &t.0);
         }
         if let Some(reason) = choice.finish_reason {
-            summary.finish_reasons.push(reason);
+            summary.finish_reasons.push(reason.into_string());
         }
     }
     // Responses API: a whole response object, or stream events.
@@ -262,7 +319,7 @@ fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
             }
         }
     }
-    if raw.kind.as_deref() == Some("response.output_text.delta")
+    if raw.kind.as_ref().map(|k| &*k.0) == Some("response.output_text.delta")
         && let Some(Value::String(d)) = &raw.delta
     {
         push_text(&mut summary.text, d);
@@ -271,7 +328,7 @@ fn absorb(summary: &mut ResponseSummary, raw: RawAnswer) {
         .status
         .filter(|_| raw.kind.is_none() || raw.response.is_some())
     {
-        summary.finish_reasons = vec![status];
+        summary.finish_reasons = vec![status.into_string()];
     }
     if let Some(inner) = raw.response {
         // `response.completed` carries the final object, usage included; its text was already
@@ -535,5 +592,31 @@ data: [DONE]\n\n";
         let sum = s.finish();
         assert_eq!(sum.bad_events, 1);
         assert_eq!(sum.text, "ok");
+    }
+
+    #[test]
+    fn escaped_and_plain_strings_read_alike() {
+        // Strings with escapes cannot be borrowed from the body; they must read the same.
+        let body = br#"{"id":"c\u0031","model":"m\/1","choices":[
+            {"message":{"content":[{"type":"text","text":"a\"b"},{"type":"text","text":"c"}],
+             "reasoning_content":"r\nr"},"finish_reason":"st\u006fp"},
+            {"message":{"content":"plain"},"finish_reason":"length"}],
+            "usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#;
+        let sum = parse_json_response(body).unwrap();
+        assert_eq!(sum.id.as_deref(), Some("c1"));
+        assert_eq!(sum.model.as_deref(), Some("m/1"));
+        assert_eq!(sum.text, "a\"bcplain");
+        assert_eq!(sum.reasoning_text, "r\nr");
+        assert_eq!(
+            sum.finish_reasons,
+            vec!["stop".to_owned(), "length".to_owned()]
+        );
+        assert_eq!(sum.usage.map(|u| u.total), Some(3));
+        let mut s = SseScanner::new();
+        s.feed(br#"data: {"id":"\u0063","choices":[{"delta":{"content":"x\ty"}}]}"#);
+        s.feed(b"\n\n");
+        let sum = s.finish();
+        assert_eq!(sum.id.as_deref(), Some("c"));
+        assert_eq!(sum.text, "x\ty");
     }
 }
