@@ -18,6 +18,7 @@
 //! or a row themselves, so the three views cannot disagree.
 
 pub mod audit;
+pub mod background;
 pub mod cli;
 pub mod client;
 pub mod config;

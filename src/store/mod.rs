@@ -168,7 +168,10 @@ impl Store {
         };
         let handle = std::thread::Builder::new()
             .name("llm-audit-store".into())
-            .spawn(move || writer.run())
+            .spawn(move || {
+                crate::background::lower_current_thread();
+                writer.run();
+            })
             .map_err(StoreError::Thread)?;
         *shared.writer.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         Ok(Self { shared })
