@@ -837,6 +837,55 @@ async fn http_export_failures_are_counted() {
     assert!(n > 0, "llm_audit_span_export_errors_total stayed at 0");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_hold_at_most_the_batch_size_and_every_span_arrives() {
+    use llm_audit::telemetry::export::{BatchLimits, EncodingProcessor, WireExporter};
+    use opentelemetry::trace::{Span as _, Tracer as _, TracerProvider as _};
+    let (endpoint, received) = grpc_receiver().await;
+    let cfg = TelemetryConfig {
+        endpoint: Some(endpoint.clone()),
+        protocol: OtlpProtocol::Grpc,
+        service_name: SERVICE.into(),
+        timeout: Duration::from_secs(3),
+        ..TelemetryConfig::disabled()
+    };
+    let errors = export_errors();
+    let limits = BatchLimits {
+        max_queue: 1_000,
+        max_batch: 4,
+        // Only full batches and the final flush send anything.
+        delay: Duration::from_secs(60),
+    };
+    let processor = EncodingProcessor::new(
+        WireExporter::new(&cfg, &endpoint).unwrap(),
+        limits,
+        errors.clone(),
+    )
+    .unwrap();
+    let provider = SdkTracerProvider::builder()
+        .with_span_processor(processor)
+        .build();
+    let tracer = provider.tracer("batch-test");
+    for i in 0..10 {
+        tracer.start(format!("span {i}")).end();
+    }
+    let reqs = flush(provider, &received).await;
+    let sizes: Vec<usize> = reqs
+        .iter()
+        .map(|r| spans(std::slice::from_ref(r)).len())
+        .collect();
+    assert!(
+        sizes.iter().all(|&n| (1..=4).contains(&n)),
+        "request sizes {sizes:?}"
+    );
+    let mut names: Vec<String> = spans(&reqs).into_iter().map(|s| s.name).collect();
+    names.sort();
+    let mut want: Vec<String> = (0..10).map(|i| format!("span {i}")).collect();
+    want.sort();
+    assert_eq!(names, want);
+    assert_eq!(errors.get(), 0);
+}
+
 #[test]
 fn no_endpoint_means_no_provider() {
     let cfg = TelemetryConfig {

@@ -1,16 +1,19 @@
-//! The span exporter behind the SDK's batch processor: each batch is encoded in one pass
-//! ([`otlp_wire`](super::otlp_wire)) and sent over OTLP/gRPC (tonic, raw-bytes codec) or
-//! OTLP/HTTP with protobuf bodies (hyper-util's client).
+//! Span export: [`EncodingProcessor`] encodes each span to OTLP protobuf as it ends
+//! ([`otlp_wire`](super::otlp_wire)) and a background thread sends the bytes in batches over
+//! OTLP/gRPC (tonic, raw-bytes codec) or OTLP/HTTP with protobuf bodies (hyper-util's client).
 //!
 //! Not opentelemetry-otlp's exporter: converting `SpanData` into the generated protobuf
 //! structs and letting prost encode them costs ~40k instructions per span (prost recomputes the
 //! length of every nested message at each level), a quarter of the proxy's whole CPU per call
-//! (callgrind, 2026-11-26). The wire format and the transports stay the standard ones; tests
-//! decode what a real gRPC and a real HTTP receiver get with the reference protobuf types.
+//! (callgrind, 2026-11-26). Not the SDK's batch processor either (see [`EncodingProcessor`]).
+//! The wire format and the transports stay the standard ones; tests decode what a real gRPC and
+//! a real HTTP receiver get with the reference protobuf types.
 //!
-//! The batch processor calls `export` on its own thread, outside any Tokio runtime; the network
-//! part runs as a task on the runtime the exporter was built in.
+//! The network part of each export runs as a task on the runtime the exporter was built in.
 
+use std::collections::VecDeque;
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::http::header::{CONTENT_ENCODING, CONTENT_TYPE};
@@ -20,11 +23,13 @@ use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::connect::HttpConnector;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::{SpanData, SpanProcessor};
+use prometheus::IntCounter;
 use tonic::codec::{Codec, CompressionEncoding, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::metadata::MetadataMap;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use super::otlp_wire::EncodedSpans;
 use super::{OtlpProtocol, TelemetryConfig, TelemetryError};
 use crate::wire::PooledClient;
 
@@ -35,7 +40,6 @@ const ATTEMPTS: u32 = 4;
 /// OTLP span exporter with a one-pass encoder.
 #[derive(Debug)]
 pub struct WireExporter {
-    resource: Resource,
     transport: Transport,
     runtime: tokio::runtime::Handle,
     timeout: Duration,
@@ -123,7 +127,6 @@ impl WireExporter {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| bad("the OTLP exporter needs a Tokio runtime".into()))?;
         Ok(Self {
-            resource: Resource::builder_empty().build(),
             transport,
             runtime,
             timeout: cfg.timeout,
@@ -131,15 +134,11 @@ impl WireExporter {
     }
 }
 
-impl SpanExporter for WireExporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let mut buf = Vec::with_capacity(batch.len() * 768);
-        super::otlp_wire::encode_export_request(&batch, &self.resource, &mut buf);
-        drop(batch);
-        let body = Bytes::from(buf);
+impl WireExporter {
+    /// Sends one encoded `ExportTraceServiceRequest`, retrying what the OTLP specification
+    /// calls retryable, within the export timeout. Blocks: call it from a thread outside the
+    /// runtime; the network part runs as a task on the runtime the exporter was built in.
+    fn send_blocking(&self, body: Bytes) -> Result<(), String> {
         let transport = self.transport.clone();
         let timeout = self.timeout;
         let task = self.runtime.spawn(async move {
@@ -149,21 +148,228 @@ impl SpanExporter for WireExporter {
                 Err(_) => Err(format!("OTLP export timed out after {timeout:?}")),
             }
         });
-        match task.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(message)) => Err(OTelSdkError::InternalFailure(message)),
-            Err(e) => Err(OTelSdkError::InternalFailure(e.to_string())),
+        // Waiting on the task needs no driver on this thread, so any runtime flavour works.
+        match self.runtime.block_on(task) {
+            Ok(result) => result,
+            Err(e) => Err(e.to_string()),
+        }
+    }
+}
+
+/// Batching, in the standard `OTEL_BSP_*` terms.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    /// Spans held at most; beyond, new spans are dropped and counted.
+    pub max_queue: usize,
+    /// Spans per export request at most; a full batch leaves at once.
+    pub max_batch: usize,
+    /// Longest wait before a partial batch leaves.
+    pub delay: Duration,
+}
+
+/// The span processor: each span is encoded to OTLP protobuf when it ends, on the thread that
+/// ends it ([`EncodedSpans`]), and a background thread sends the bytes in batches. Replaces the
+/// SDK's `BatchSpanProcessor`, whose queue of `SpanData` was read back cold by its thread: at
+/// concurrency 1 on one core the span pipeline cost the proxy ~30 µs per call, a third of its
+/// CPU, for ~30k instructions (bench/README.md).
+#[derive(Debug)]
+pub struct EncodingProcessor {
+    shared: Arc<Shared>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    wake: Condvar,
+    limits: BatchLimits,
+    resource: Mutex<Resource>,
+    errors: IntCounter,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Full batches waiting to leave, oldest first, then the one filling.
+    full: VecDeque<EncodedSpans>,
+    filling: EncodedSpans,
+    held: usize,
+    dropped: u64,
+    /// Callers of `force_flush` waiting for everything before them to be sent.
+    flushes: Vec<mpsc::Sender<Result<(), String>>>,
+    stop: bool,
+}
+
+impl EncodingProcessor {
+    /// Starts the export thread. Failed exports and dropped spans count in `errors`
+    /// (`llm_audit_span_export_errors_total`).
+    pub fn new(
+        exporter: WireExporter,
+        limits: BatchLimits,
+        errors: IntCounter,
+    ) -> std::io::Result<Self> {
+        let limits = BatchLimits {
+            max_queue: limits.max_queue.max(1),
+            max_batch: limits.max_batch.clamp(1, limits.max_queue.max(1)),
+            delay: limits.delay,
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            wake: Condvar::new(),
+            limits,
+            resource: Mutex::new(Resource::builder_empty().build()),
+            errors,
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("llm-audit-spans".into())
+            .spawn(move || {
+                crate::background::lower_current_thread();
+                worker.run(&exporter);
+            })?;
+        Ok(Self {
+            shared,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.shared.lock()
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn run(&self, exporter: &WireExporter) {
+        let mut last = Instant::now();
+        loop {
+            let mut state = self.lock();
+            loop {
+                if state.stop || !state.full.is_empty() || !state.flushes.is_empty() {
+                    break;
+                }
+                let waited = last.elapsed();
+                if waited >= self.limits.delay {
+                    break;
+                }
+                state = self
+                    .wake
+                    .wait_timeout(state, self.limits.delay - waited)
+                    .map_or_else(|p| p.into_inner().0, |(g, _)| g);
+            }
+            let mut batches = std::mem::take(&mut state.full);
+            let pending = std::mem::take(&mut state.filling);
+            if !pending.is_empty() {
+                batches.push_back(pending);
+            }
+            state.held = 0;
+            let dropped = std::mem::take(&mut state.dropped);
+            let flushes = std::mem::take(&mut state.flushes);
+            let stop = state.stop;
+            drop(state);
+            last = Instant::now();
+
+            if dropped > 0 {
+                self.errors.inc();
+                tracing::warn!(
+                    dropped,
+                    max_queue = self.limits.max_queue,
+                    "Spans dropped: the export queue was full (collector slow or away)."
+                );
+            }
+            let resource = self
+                .resource
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            let mut result = Ok(());
+            for batch in batches {
+                let mut body = Vec::with_capacity(batch.encoded_len() + 256);
+                batch.encode_request(&resource, &mut body);
+                drop(batch);
+                if let Err(message) = exporter.send_blocking(Bytes::from(body)) {
+                    self.errors.inc();
+                    tracing::debug!(error = %message, "OTLP span export failed.");
+                    result = Err(message);
+                }
+            }
+            for flush in flushes {
+                let _ = flush.send(result.clone());
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+}
+
+impl SpanProcessor for EncodingProcessor {
+    fn on_start(&self, _span: &mut opentelemetry_sdk::trace::Span, _cx: &opentelemetry::Context) {}
+
+    fn on_end(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        let limits = self.shared.limits;
+        let mut state = self.state();
+        if state.stop || state.held >= limits.max_queue {
+            state.dropped += 1;
+            return;
+        }
+        state.filling.push(&span);
+        state.held += 1;
+        if state.filling.len() >= limits.max_batch {
+            let full = std::mem::take(&mut state.filling);
+            state.full.push_back(full);
+            drop(state);
+            self.shared.wake.notify_one();
+        }
+        // `span` is dropped here, on the thread that built it and while it is still in cache.
+    }
+
+    fn force_flush(&self) -> OTelSdkResult {
+        let (tx, rx) = mpsc::channel();
+        self.state().flushes.push(tx);
+        self.shared.wake.notify_one();
+        // Every held batch may take the export timeout (retries included).
+        let batches = self.state().held / self.shared.limits.max_batch + 2;
+        rx.recv_timeout(FLUSH_WAIT.saturating_mul(batches as u32))
+            .map_err(|_| OTelSdkError::Timeout(FLUSH_WAIT))?
+            .map_err(OTelSdkError::InternalFailure)
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
+        let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return Err(OTelSdkError::AlreadyShutdown);
+        };
+        self.state().stop = true;
+        self.shared.wake.notify_one();
+        // Joining cannot time out: wait for the thread's last round through a flush instead.
+        let (tx, rx) = mpsc::channel();
+        self.state().flushes.push(tx);
+        self.shared.wake.notify_one();
+        match rx.recv_timeout(timeout) {
+            Ok(result) => {
+                let _ = thread.join();
+                result.map_err(OTelSdkError::InternalFailure)
+            }
+            Err(_) => Err(OTelSdkError::Timeout(timeout)),
         }
     }
 
-    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
-        Ok(())
-    }
-
     fn set_resource(&mut self, resource: &Resource) {
-        self.resource = resource.clone();
+        *self
+            .shared
+            .resource
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = resource.clone();
     }
 }
+
+/// Longest wait for one batch in `force_flush`.
+const FLUSH_WAIT: Duration = Duration::from_secs(15);
 
 /// One try's failure: whether the OTLP specification lets us try again.
 struct Failure {
@@ -311,5 +517,80 @@ impl Decoder for RawCodec {
         let n = src.remaining();
         src.advance(n);
         Ok(Some(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use opentelemetry::InstrumentationScope;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+    };
+    use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+    use std::time::SystemTime;
+
+    fn span(id: u64, sampled: bool) -> SpanData {
+        SpanData {
+            span_context: SpanContext::new(
+                TraceId::from(u128::from(id) + 1),
+                SpanId::from(id + 1),
+                if sampled {
+                    TraceFlags::SAMPLED
+                } else {
+                    TraceFlags::default()
+                },
+                false,
+                TraceState::NONE,
+            ),
+            parent_span_id: SpanId::INVALID,
+            parent_span_is_remote: false,
+            span_kind: SpanKind::Client,
+            name: "chat m".into(),
+            start_time: SystemTime::UNIX_EPOCH,
+            end_time: SystemTime::UNIX_EPOCH,
+            attributes: Vec::new(),
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: InstrumentationScope::builder("t").build(),
+        }
+    }
+
+    /// A processor whose export thread never runs: what `on_end` queues stays put.
+    fn paused(limits: BatchLimits) -> EncodingProcessor {
+        EncodingProcessor {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State::default()),
+                wake: Condvar::new(),
+                limits,
+                resource: Mutex::new(Resource::builder_empty().build()),
+                errors: IntCounter::new("e", "e").unwrap(),
+            }),
+            thread: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn full_batches_leave_and_a_full_queue_drops_and_counts() {
+        let p = paused(BatchLimits {
+            max_queue: 5,
+            max_batch: 2,
+            delay: Duration::from_secs(60),
+        });
+        for id in 0..12 {
+            p.on_end(span(id, true));
+        }
+        p.on_end(span(99, false));
+        let state = p.state();
+        // Two full batches wait, the fifth span fills the next one, the rest are dropped.
+        assert_eq!(
+            state.full.iter().map(EncodedSpans::len).collect::<Vec<_>>(),
+            vec![2, 2]
+        );
+        assert_eq!(state.filling.len(), 1);
+        assert_eq!(state.held, 5);
+        assert_eq!(state.dropped, 7);
     }
 }

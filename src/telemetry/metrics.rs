@@ -456,7 +456,7 @@ impl Metrics {
             },
             span_export_errors: plain_counter(
                 SPAN_EXPORT_ERRORS,
-                "Failed OTLP span export batches.",
+                "Failed OTLP span export batches, plus one per export round that dropped spans because the queue was full.",
             )?,
             genai_token_usage: histogram(
                 GENAI_TOKEN_USAGE,

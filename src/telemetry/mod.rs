@@ -10,10 +10,7 @@ use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::OTelSdkResult;
-use opentelemetry_sdk::trace::{
-    BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter,
-};
+use opentelemetry_sdk::trace::SdkTracerProvider;
 use prometheus::IntCounter;
 use tracing::Subscriber;
 use tracing_subscriber::Layer;
@@ -177,24 +174,8 @@ pub fn tracer_provider(
         return Ok(None);
     };
     let exporter = export::WireExporter::new(cfg, endpoint)?;
-    // The SDK's default queue (2,048 spans, flushed every 5 s) overflowed — and silently
-    // dropped spans — above ~400 calls/s with the reference exporter. The queue is allocated and
-    // touched up front (~550 B per slot: 16,384 slots were 9 MB of idle RSS); 8,192 slots hold
-    // 8 s of a 1,000 calls/s proxy while a collector is away, and batches of 512 leave as soon
-    // as they are full. The standard OTEL_BSP_* variables still win when set.
-    let mut batch = BatchConfigBuilder::default();
-    if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
-        batch = batch.with_max_queue_size(8_192);
-    }
-    if std::env::var_os("OTEL_BSP_SCHEDULE_DELAY").is_none() {
-        batch = batch.with_scheduled_delay(Duration::from_secs(1));
-    }
-    let processor = BatchSpanProcessor::builder(CountingExporter {
-        inner: exporter,
-        errors: export_errors,
-    })
-    .with_batch_config(batch.build())
-    .build();
+    let processor = export::EncodingProcessor::new(exporter, batch_limits(), export_errors)
+        .map_err(|e| TelemetryError::Exporter(format!("span export thread: {e}")))?;
     let provider = SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_resource(
@@ -204,6 +185,24 @@ pub fn tracer_provider(
         )
         .build();
     Ok(Some(provider))
+}
+
+/// Span batching: the standard `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` and
+/// `OTEL_BSP_SCHEDULE_DELAY` (ms) when set, else ours. The SDK's defaults (2,048 spans, every
+/// 5 s) overflowed above ~400 calls/s; 8,192 spans hold 8 s of a 1,000 calls/s proxy while a
+/// collector is away (~700 B each, encoded: 6 MB at most), batches of 512 stay well under the
+/// 4 MiB a collector accepts per request, and leave as soon as they are full.
+fn batch_limits() -> export::BatchLimits {
+    let var = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    export::BatchLimits {
+        max_queue: var("OTEL_BSP_MAX_QUEUE_SIZE").map_or(8_192, |v| v as usize),
+        max_batch: var("OTEL_BSP_MAX_EXPORT_BATCH_SIZE").map_or(512, |v| v as usize),
+        delay: Duration::from_millis(var("OTEL_BSP_SCHEDULE_DELAY").unwrap_or(1_000)),
+    }
 }
 
 /// `OTEL_EXPORTER_OTLP_HEADERS`: `key=value` pairs separated by commas, values
@@ -294,35 +293,6 @@ impl TelemetryGuard {
             })
             .await;
         }
-    }
-}
-
-/// Counts failed export batches in `llm_audit_span_export_errors_total`.
-#[derive(Debug)]
-struct CountingExporter<E> {
-    inner: E,
-    errors: IntCounter,
-}
-
-impl<E: SpanExporter> SpanExporter for CountingExporter<E> {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let result = self.inner.export(batch).await;
-        if result.is_err() {
-            self.errors.inc();
-        }
-        result
-    }
-
-    fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        self.inner.shutdown_with_timeout(timeout)
-    }
-
-    fn force_flush(&self) -> OTelSdkResult {
-        self.inner.force_flush()
-    }
-
-    fn set_resource(&mut self, resource: &Resource) {
-        self.inner.set_resource(resource);
     }
 }
 

@@ -23,6 +23,18 @@ fn reference(spans: &[SpanData], resource: &Resource) -> ExportTraceServiceReque
 fn encode(spans: &[SpanData], resource: &Resource) -> Vec<u8> {
     let mut out = Vec::new();
     encode_export_request(spans, resource, &mut out);
+    // Spans encoded one by one as they end make the same request.
+    let mut incremental = EncodedSpans::default();
+    for span in spans {
+        incremental.push(span);
+    }
+    assert_eq!(incremental.len(), spans.len());
+    let mut wrapped = Vec::new();
+    incremental.encode_request(resource, &mut wrapped);
+    assert_eq!(
+        wrapped, out,
+        "EncodedSpans differs from the one-pass encoder"
+    );
     out
 }
 
