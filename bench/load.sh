@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Proxy load benchmark: llm-audit (full auditing: SQLite store, metrics, spans exported over
 # OTLP to a local receiver) against nginx as a plain reverse proxy, both in front of the same
-# fast fake upstream. The proxy under test is pinned to CPU 0; load generator, upstream and span
-# receiver to CPU 1. Prints a Markdown table. Bounded: about 3 minutes.
+# fast fake upstream; and `bare`, the same axum/hyper/tokio stack forwarding with no auditing
+# (examples/bare_proxy.rs), which splits llm-audit's cost into the stack's and the audit's.
+# The proxies under test are pinned to CPU 0; load generator, upstream and span receiver to
+# CPU 1. Prints a Markdown table. Bounded: about 4 minutes.
 #
 #   bench/load.sh            (DURATION=10 RATE=1000 to change the per-scenario run)
 set -euo pipefail
@@ -10,13 +12,14 @@ cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}
 RATE=${RATE:-1000}
-P_UP=18080 P_PROXY=18081 P_NGINX=18082 P_METRICS=19464 P_OTLP=14317
+P_UP=18080 P_PROXY=18081 P_NGINX=18082 P_BARE=18083 P_METRICS=19464 P_OTLP=14317
 
 if ! command -v nginx >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nginx >/dev/null
   (systemctl stop nginx || service nginx stop) >/dev/null 2>&1 || true
 fi
-cargo build -q --release --bin llm-audit --example bench_upstream --example loadgen --example otlp_sink
+cargo build -q --release --bin llm-audit --example bench_upstream --example loadgen --example otlp_sink \
+  --example bare_proxy
 
 REL=target/release
 WORK=$(mktemp -d)
@@ -41,6 +44,9 @@ taskset -c 0 nginx -c "$WORK/nginx.conf" -p "$WORK" & PIDS+=($!)
 wait_port $P_NGINX
 sleep 0.5
 NGINX_WORKER=$(pgrep -P "$(cat "$WORK/nginx.pid")" | head -1)
+taskset -c 0 "$REL/examples/bare_proxy" 127.0.0.1:$P_BARE http://127.0.0.1:$P_UP 2>"$WORK/bare.log" & BARE=$!
+PIDS+=($BARE)
+wait_port $P_BARE
 
 sleep 1
 PROXY_IDLE_KB=$(rss_kb $PROXY)
@@ -65,9 +71,11 @@ for mode in json sse; do
   flag=""; [ $mode = sse ] && flag="--stream"
   run "direct-c1-$mode" $P_UP - --concurrency 1 $flag >>"$RESULTS"
   run "nginx-c1-$mode" $P_NGINX "$NGINX_WORKER" --concurrency 1 $flag >>"$RESULTS"
+  run "bare-c1-$mode" $P_BARE $BARE --concurrency 1 $flag >>"$RESULTS"
   run "proxy-c1-$mode" $P_PROXY $PROXY --concurrency 1 $flag >>"$RESULTS"
   run "direct-rate-$mode" $P_UP - --rate "$RATE" $flag >>"$RESULTS"
   run "nginx-rate-$mode" $P_NGINX "$NGINX_WORKER" --rate "$RATE" $flag >>"$RESULTS"
+  run "bare-rate-$mode" $P_BARE $BARE --rate "$RATE" $flag >>"$RESULTS"
   run "proxy-rate-$mode" $P_PROXY $PROXY --rate "$RATE" $flag >>"$RESULTS"
 done
 PROXY_PEAK_KB=$(hwm_kb $PROXY)
@@ -91,10 +99,17 @@ for name, r in rows.items():
 print()
 print("| added over direct | p50 ms | p99 ms | first chunk p50 ms | first chunk p99 ms |")
 print("|---|---|---|---|---|")
-for kind in ("nginx", "proxy"):
+for kind in ("nginx", "bare", "proxy"):
     for mode in ("c1-json", "c1-sse", "rate-json", "rate-sse"):
         print(f"| {kind} {mode} | {added(kind, mode, 'p50_ms'):.3f} | {added(kind, mode, 'p99_ms'):.3f} | "
               f"{added(kind, mode, 'first_chunk_p50_ms'):.3f} | {added(kind, mode, 'first_chunk_p99_ms'):.3f} |")
+print()
+print("| CPU per request ÷ nginx's | bare (stack only) | llm-audit (full audit) |")
+print("|---|---|---|")
+for mode in ("c1-json", "c1-sse", "rate-json", "rate-sse"):
+    ng = rows[f"nginx-{mode}"]["cpu_us_per_req"]
+    ratio = lambda kind: f"{rows[f'{kind}-{mode}']['cpu_us_per_req'] / ng:.2f}×" if ng else "-"
+    print(f"| {mode} | {ratio('bare')} | {ratio('proxy')} |")
 print()
 print(f"proxy RSS idle {int(sys.argv[2]) / 1024:.1f} MiB, peak {int(sys.argv[3]) / 1024:.1f} MiB; "
       f"audit rows written {sys.argv[4]}; spans received by the OTLP sink {sys.argv[5]}")
