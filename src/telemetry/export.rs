@@ -331,10 +331,18 @@ impl SpanProcessor for EncodingProcessor {
 
     fn force_flush(&self) -> OTelSdkResult {
         let (tx, rx) = mpsc::channel();
-        self.state().flushes.push(tx);
+        let held = {
+            let mut state = self.state();
+            // The thread has left (or is leaving) its loop: no one would answer.
+            if state.stop {
+                return Err(OTelSdkError::AlreadyShutdown);
+            }
+            state.flushes.push(tx);
+            state.held
+        };
         self.shared.wake.notify_one();
         // Every held batch may take the export timeout (retries included).
-        let batches = self.state().held / self.shared.limits.max_batch + 2;
+        let batches = held / self.shared.limits.max_batch + 2;
         rx.recv_timeout(FLUSH_WAIT.saturating_mul(batches as u32))
             .map_err(|_| OTelSdkError::Timeout(FLUSH_WAIT))?
             .map_err(OTelSdkError::InternalFailure)
@@ -344,11 +352,14 @@ impl SpanProcessor for EncodingProcessor {
         let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() else {
             return Err(OTelSdkError::AlreadyShutdown);
         };
-        self.state().stop = true;
-        self.shared.wake.notify_one();
         // Joining cannot time out: wait for the thread's last round through a flush instead.
+        // Stop and the flush go in under one lock, so that last round always answers it.
         let (tx, rx) = mpsc::channel();
-        self.state().flushes.push(tx);
+        {
+            let mut state = self.state();
+            state.stop = true;
+            state.flushes.push(tx);
+        }
         self.shared.wake.notify_one();
         match rx.recv_timeout(timeout) {
             Ok(result) => {
@@ -569,6 +580,48 @@ mod tests {
                 errors: IntCounter::new("e", "e").unwrap(),
             }),
             thread: Mutex::new(None),
+        }
+    }
+
+    #[test]
+    fn shutdown_answers_at_once_and_only_once() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let _in_runtime = rt.enter();
+        let cfg = TelemetryConfig {
+            endpoint: Some("http://127.0.0.1:9".into()),
+            timeout: Duration::from_millis(200),
+            ..TelemetryConfig::disabled()
+        };
+        let limits = BatchLimits {
+            max_queue: 16,
+            max_batch: 4,
+            delay: Duration::from_secs(60),
+        };
+        // A few rounds: shutdown must not wait out its timeout whatever the export thread is
+        // doing when it arrives (stop and the final flush are set under one lock for that).
+        for _ in 0..5 {
+            let exporter = WireExporter::new(&cfg, "http://127.0.0.1:9").unwrap();
+            let errors = IntCounter::new("e", "e").unwrap();
+            let p = EncodingProcessor::new(exporter, limits, errors).unwrap();
+            let started = Instant::now();
+            assert!(p.shutdown_with_timeout(Duration::from_secs(5)).is_ok());
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{:?}",
+                started.elapsed()
+            );
+            assert!(matches!(
+                p.force_flush(),
+                Err(OTelSdkError::AlreadyShutdown)
+            ));
+            assert!(matches!(
+                p.shutdown_with_timeout(Duration::from_secs(5)),
+                Err(OTelSdkError::AlreadyShutdown)
+            ));
         }
     }
 
