@@ -148,7 +148,8 @@ impl WireExporter {
                 Err(_) => Err(format!("OTLP export timed out after {timeout:?}")),
             }
         });
-        // Waiting on the task needs no driver on this thread, so any runtime flavour works.
+        // Called from the export thread only (never inside the runtime); the task itself still
+        // needs a runtime worker, so callers of flush and shutdown must not block the only one.
         match self.runtime.block_on(task) {
             Ok(result) => result,
             Err(e) => Err(e.to_string()),
@@ -210,7 +211,8 @@ impl EncodingProcessor {
         let limits = BatchLimits {
             max_queue: limits.max_queue.max(1),
             max_batch: limits.max_batch.clamp(1, limits.max_queue.max(1)),
-            delay: limits.delay,
+            // A zero delay would spin the export thread (`OTEL_BSP_SCHEDULE_DELAY=0`).
+            delay: limits.delay.max(Duration::from_millis(1)),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -264,7 +266,8 @@ impl Shared {
             if !pending.is_empty() {
                 batches.push_back(pending);
             }
-            state.held = 0;
+            // `held` still counts these until each is sent, so spans in flight and spans
+            // queued meanwhile stay within `max_queue` together.
             let dropped = std::mem::take(&mut state.dropped);
             let flushes = std::mem::take(&mut state.flushes);
             let stop = state.stop;
@@ -272,7 +275,7 @@ impl Shared {
             last = Instant::now();
 
             if dropped > 0 {
-                self.errors.inc();
+                // Counted in `on_end` at the first drop; the number is logged here.
                 tracing::warn!(
                     dropped,
                     max_queue = self.limits.max_queue,
@@ -286,10 +289,15 @@ impl Shared {
                 .clone();
             let mut result = Ok(());
             for batch in batches {
+                let spans = batch.len();
                 let mut body = Vec::with_capacity(batch.encoded_len() + 256);
                 batch.encode_request(&resource, &mut body);
                 drop(batch);
-                if let Err(message) = exporter.send_blocking(Bytes::from(body)) {
+                let sent = exporter.send_blocking(Bytes::from(body));
+                let mut state = self.lock();
+                state.held = state.held.saturating_sub(spans);
+                drop(state);
+                if let Err(message) = sent {
                     self.errors.inc();
                     tracing::debug!(error = %message, "OTLP span export failed.");
                     result = Err(message);
@@ -312,20 +320,33 @@ impl SpanProcessor for EncodingProcessor {
         if !span.span_context.is_sampled() {
             return;
         }
-        let limits = self.shared.limits;
-        let mut state = self.state();
-        if state.stop || state.held >= limits.max_queue {
-            state.dropped += 1;
-            return;
-        }
-        state.filling.push(&span);
-        state.held += 1;
-        if state.filling.len() >= limits.max_batch {
-            let full = std::mem::take(&mut state.filling);
-            state.full.push_back(full);
-            drop(state);
-            self.shared.wake.notify_one();
-        }
+        // Encoded outside the lock, so span ends on several workers do not queue behind one
+        // another; only the copy into the batch happens under it.
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.clear();
+            EncodedSpans::encode_span(&span, scratch);
+            let limits = self.shared.limits;
+            let mut state = self.state();
+            if state.stop || state.held >= limits.max_queue {
+                if state.dropped == 0 {
+                    // One count per round that drops, at once: visible even while the export
+                    // thread is stuck in a long round.
+                    self.shared.errors.inc();
+                }
+                state.dropped += 1;
+                return;
+            }
+            state
+                .filling
+                .push_encoded(&span.instrumentation_scope, scratch);
+            state.held += 1;
+            if state.filling.len() >= limits.max_batch {
+                let full = std::mem::take(&mut state.filling);
+                state.full.push_back(full);
+                drop(state);
+                self.shared.wake.notify_one();
+            }
+        });
         // `span` is dropped here, on the thread that built it and while it is still in cache.
     }
 
@@ -341,9 +362,11 @@ impl SpanProcessor for EncodingProcessor {
             state.held
         };
         self.shared.wake.notify_one();
-        // Every held batch may take the export timeout (retries included).
-        let batches = held / self.shared.limits.max_batch + 2;
-        rx.recv_timeout(FLUSH_WAIT.saturating_mul(batches as u32))
+        // One overall bound, however many batches are held: shutdown must fit in a termination
+        // grace period even when the collector swallows every request. What is left is sent,
+        // or dropped, by `shutdown`.
+        let _ = held;
+        rx.recv_timeout(FLUSH_WAIT)
             .map_err(|_| OTelSdkError::Timeout(FLUSH_WAIT))?
             .map_err(OTelSdkError::InternalFailure)
     }
@@ -379,7 +402,12 @@ impl SpanProcessor for EncodingProcessor {
     }
 }
 
-/// Longest wait for one batch in `force_flush`.
+thread_local! {
+    /// Each thread's buffer for encoding the span it ends.
+    static SCRATCH: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Longest wait in `force_flush`.
 const FLUSH_WAIT: Duration = Duration::from_secs(15);
 
 /// One try's failure: whether the OTLP specification lets us try again.
@@ -645,5 +673,7 @@ mod tests {
         assert_eq!(state.filling.len(), 1);
         assert_eq!(state.held, 5);
         assert_eq!(state.dropped, 7);
+        // Counted at the first drop of the round, not per span and not later.
+        assert_eq!(p.shared.errors.get(), 1);
     }
 }

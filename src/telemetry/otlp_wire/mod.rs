@@ -239,11 +239,23 @@ impl EncodedSpans {
     /// Encodes `span` after the ones already held.
     pub fn push(&mut self, span: &SpanData) {
         let buf = self.group(&span.instrumentation_scope);
+        Self::encode_span(span, buf);
+        self.count += 1;
+    }
+
+    /// Appends `span` to `out` as one `ScopeSpans.spans` field, for
+    /// [`push_encoded`](Self::push_encoded).
+    pub fn encode_span(span: &SpanData, out: &mut Vec<u8>) {
         let len = span_len(span);
-        buf.reserve(len_field_len(field::scope_spans::SPANS, len));
-        put_message(buf, field::scope_spans::SPANS, len, |out| {
+        out.reserve(len_field_len(field::scope_spans::SPANS, len));
+        put_message(out, field::scope_spans::SPANS, len, |out| {
             put_span(out, span)
         });
+    }
+
+    /// Adds a span encoded by [`encode_span`](Self::encode_span) under `scope`.
+    pub fn push_encoded(&mut self, scope: &InstrumentationScope, encoded: &[u8]) {
+        self.group(scope).extend_from_slice(encoded);
         self.count += 1;
     }
 

@@ -25,8 +25,15 @@ fn encode(spans: &[SpanData], resource: &Resource) -> Vec<u8> {
     encode_export_request(spans, resource, &mut out);
     // Spans encoded one by one as they end make the same request.
     let mut incremental = EncodedSpans::default();
-    for span in spans {
-        incremental.push(span);
+    for (i, span) in spans.iter().enumerate() {
+        // Both ways in: encoded in place, and encoded apart then added.
+        if i % 2 == 0 {
+            incremental.push(span);
+        } else {
+            let mut apart = Vec::new();
+            EncodedSpans::encode_span(span, &mut apart);
+            incremental.push_encoded(&span.instrumentation_scope, &apart);
+        }
     }
     assert_eq!(incremental.len(), spans.len());
     let mut wrapped = Vec::new();
