@@ -166,10 +166,15 @@ impl Store {
             flush_interval: cfg.flush_interval.0,
             abandoned: false,
         };
+        let durability = cfg.durability;
         let handle = std::thread::Builder::new()
             .name("llm-audit-store".into())
             .spawn(move || {
-                crate::background::lower_current_thread();
+                // In sync mode every answer waits for the writer's commit: it keeps the
+                // request path's priority there.
+                if durability == Durability::Batched {
+                    crate::background::lower_current_thread();
+                }
                 writer.run();
             })
             .map_err(StoreError::Thread)?;
