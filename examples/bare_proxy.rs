@@ -3,7 +3,7 @@
 //! parsing, no record, no span, no metrics, no store). Its CPU per request, beside nginx's and
 //! the audit proxy's, splits the audit proxy's cost into "the stack" and "the audit".
 //!
-//! `cargo run --release --example bare_proxy -- 127.0.0.1:18082 http://127.0.0.1:18080`
+//! `cargo run --release --example bare_proxy -- 127.0.0.1:18083 http://127.0.0.1:18080`
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
     let addr: SocketAddr = args
         .next()
-        .unwrap_or_else(|| "127.0.0.1:18082".into())
+        .unwrap_or_else(|| "127.0.0.1:18083".into())
         .parse()?;
     let base = args
         .next()
