@@ -1,4 +1,5 @@
-//! Background threads (the store writer, the span exporter's batch thread) run a few nice steps
+//! Background threads (the span export thread; the store writer in batched durability, where no
+//! answer waits for its commit) run a few nice steps
 //! below request handling. On a contended core the scheduler then lets a woken request task
 //! preempt a batch commit or a span encode instead of queueing behind it: with the proxy on one
 //! core at concurrency 1, p99 went from 0.35–0.41 ms to 0.27–0.34 ms, and throughput up ~10 %.
