@@ -637,17 +637,7 @@ fn fast_rules(rules: &str) -> String {
 /// target (`host:port`).
 async fn start_proxy(dir: &Path, upstream: &str) -> (Proc, String, String) {
     let mut cmd = llm_audit(dir);
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-        "--upstream",
-        upstream,
-    ])
-    .arg("--db")
-    .arg(dir.join("audit.db"));
+    support::serve_args(&mut cmd, upstream, &dir.join("audit.db"));
     let mut proxy = Proc::spawn("llm-audit", cmd, dir);
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {

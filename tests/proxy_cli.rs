@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
 use fake_upstream::{FakeUpstream, RecordedRequest, Reply, StreamScript};
-use support::llm_audit;
+use support::{llm_audit, serve_args};
 
 const SDK_SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/sdk/openai_sdk_check.py");
 const CLIENT_KEY: &str = "sk-proj-cLiEnTkEy0123456789abcdefABCDEFghij";
@@ -46,19 +46,10 @@ async fn serve(dir: &Path, upstream: &str, config: Option<&Path>, envs: &[(&str,
     let stderr = dir.join("stderr.log");
     let db = dir.join("audit.db");
     let mut cmd = llm_audit();
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ])
-    .args(["--upstream", upstream])
-    .arg("--db")
-    .arg(&db)
-    .envs(envs.iter().copied())
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&stderr).unwrap());
+    serve_args(&mut cmd, upstream, &db)
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&stderr).unwrap());
     if let Some(c) = config {
         cmd.arg("--config").arg(c);
     }

@@ -22,7 +22,7 @@ use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{Value, json};
 
-use support::{Lines, Reap, llm_audit};
+use support::{Lines, Reap, llm_audit, serve_args};
 
 const ANSWER: &str = r#"{"id":"chatcmpl-tls","object":"chat.completion","created":1764000000,"model":"gpt-4.1-mini-2025-04-14","choices":[{"index":0,"message":{"role":"assistant","content":"over TLS"},"finish_reason":"stop"}],"usage":{"prompt_tokens":11,"completion_tokens":3,"total_tokens":14}}"#;
 const KEY: &str = "sk-proj-tLsKeY0123456789abcdefABCDEFghijkl";
@@ -136,19 +136,10 @@ async fn serve_with(
     envs: &[(&str, &str)],
 ) -> (Reap, SocketAddr) {
     let mut cmd = llm_audit();
-    cmd.args([
-        "serve",
-        "--listen",
-        "127.0.0.1:0",
-        "--metrics-listen",
-        "127.0.0.1:0",
-    ])
-    .args(["--upstream", upstream])
-    .arg("--db")
-    .arg(dir.join("audit.db"))
-    .envs(envs.iter().copied())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    serve_args(&mut cmd, upstream, &dir.join("audit.db"))
+        .envs(envs.iter().copied())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     if let Some(f) = cert_file {
         cmd.env("SSL_CERT_FILE", f);
     }

@@ -352,20 +352,18 @@ impl SpanProcessor for EncodingProcessor {
 
     fn force_flush(&self) -> OTelSdkResult {
         let (tx, rx) = mpsc::channel();
-        let held = {
+        {
             let mut state = self.state();
             // The thread has left (or is leaving) its loop: no one would answer.
             if state.stop {
                 return Err(OTelSdkError::AlreadyShutdown);
             }
             state.flushes.push(tx);
-            state.held
-        };
+        }
         self.shared.wake.notify_one();
         // One overall bound, however many batches are held: shutdown must fit in a termination
         // grace period even when the collector swallows every request. What is left is sent,
         // or dropped, by `shutdown`.
-        let _ = held;
         rx.recv_timeout(FLUSH_WAIT)
             .map_err(|_| OTelSdkError::Timeout(FLUSH_WAIT))?
             .map_err(OTelSdkError::InternalFailure)

@@ -34,6 +34,26 @@ pub fn llm_audit() -> Command {
     cmd
 }
 
+/// `serve` on ephemeral loopback ports (the process prints the bound addresses on its
+/// `listening on` and `metrics on` lines) in front of `upstream`, logging to `db`.
+pub fn serve_args<'c>(
+    cmd: &'c mut Command,
+    upstream: &str,
+    db: &std::path::Path,
+) -> &'c mut Command {
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "127.0.0.1:0",
+        "--upstream",
+        upstream,
+    ])
+    .arg("--db")
+    .arg(db)
+}
+
 /// Kills `child` if it is still running, and waits for it.
 pub fn reap(child: &mut Child) {
     if matches!(child.try_wait(), Ok(None)) {

@@ -5,9 +5,9 @@
 //! Why not those two: the conversion copies every string into owned proto structs only to drop
 //! them after encoding, and prost recomputes `encoded_len` of each nested message once per
 //! enclosing level (request → resource → scope → span → attribute → value), so the leaves of a
-//! span are measured five or six times. Here a first pass measures each span once (leaf lengths
-//! are arithmetic on string lengths) and a second pass writes, re-measuring only the small
-//! messages inside a span.
+//! span are measured five or six times. Here each span is measured once (leaf lengths are
+//! arithmetic on string lengths) and written, re-measuring only the small messages inside it;
+//! the request around the spans is measured and written last ([`EncodedSpans`]).
 //!
 //! Like prost, fields go out in field-number order and proto3 scalars holding their default
 //! value are left out; messages that the conversion wraps in `Some` (resource, scope, status,
@@ -27,12 +27,11 @@ use opentelemetry_sdk::trace::SpanData;
 /// Spans are grouped by instrumentation scope in order of first appearance, as
 /// opentelemetry-proto 0.33 does; the request always holds exactly one `ResourceSpans`.
 pub fn encode_export_request(spans: &[SpanData], resource: &Resource, out: &mut Vec<u8>) {
-    let plan = Plan::new(spans, resource);
-    let request_field = field::request::RESOURCE_SPANS;
-    out.reserve(len_field_len(request_field, plan.resource_spans_len));
-    put_message(out, request_field, plan.resource_spans_len, |out| {
-        plan.write_resource_spans(out);
-    });
+    let mut encoded = EncodedSpans::default();
+    for span in spans {
+        encoded.push(span);
+    }
+    encoded.encode_request(resource, out);
 }
 
 /// Field numbers from opentelemetry-proto's `.proto` files, one module per message.
@@ -116,99 +115,6 @@ const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 /// `SpanFlags.SPAN_FLAGS_CONTEXT_IS_REMOTE_MASK`.
 const FLAG_IS_REMOTE: u32 = 0x200;
 
-/// The lengths the writer must know before the bytes they prefix, measured in one pass.
-struct Plan<'a> {
-    spans: &'a [SpanData],
-    resource: &'a Resource,
-    /// Body length of each span, by input index.
-    span_lens: Vec<usize>,
-    /// Input indices, grouped by scope: `groups[g]` owns `order[start..start + count]`.
-    order: Vec<usize>,
-    groups: Vec<ScopeGroup<'a>>,
-    resource_len: usize,
-    resource_spans_len: usize,
-}
-
-/// One `ScopeSpans` message.
-struct ScopeGroup<'a> {
-    scope: &'a InstrumentationScope,
-    scope_len: usize,
-    body_len: usize,
-    start: usize,
-    count: usize,
-}
-
-impl<'a> Plan<'a> {
-    fn new(spans: &'a [SpanData], resource: &'a Resource) -> Self {
-        use field::resource_spans as f;
-        let mut span_lens = Vec::with_capacity(spans.len());
-        let mut group_of = Vec::with_capacity(spans.len());
-        let mut groups: Vec<ScopeGroup<'a>> = Vec::new();
-        for span in spans {
-            let scope = &span.instrumentation_scope;
-            let g = find_group(&groups, group_of.last().copied(), scope).unwrap_or_else(|| {
-                groups.push(ScopeGroup::new(scope));
-                groups.len() - 1
-            });
-            let len = span_len(span);
-            groups[g].body_len += len_field_len(field::scope_spans::SPANS, len);
-            groups[g].count += 1;
-            span_lens.push(len);
-            group_of.push(g);
-        }
-        let order = order_by_group(&mut groups, &group_of);
-
-        let resource_len =
-            attributes_len(field::resource::ATTRIBUTES, resource_attributes(resource));
-        let scope_spans_len: usize = groups
-            .iter()
-            .map(|g| len_field_len(f::SCOPE_SPANS, g.body_len))
-            .sum();
-        let resource_spans_len = len_field_len(f::RESOURCE, resource_len)
-            + scope_spans_len
-            + str_len(f::SCHEMA_URL, resource.schema_url().unwrap_or_default());
-        Self {
-            spans,
-            resource,
-            span_lens,
-            order,
-            groups,
-            resource_len,
-            resource_spans_len,
-        }
-    }
-
-    fn write_resource_spans(&self, out: &mut Vec<u8>) {
-        use field::resource_spans as f;
-        put_message(out, f::RESOURCE, self.resource_len, |out| {
-            let attributes = resource_attributes(self.resource);
-            put_attributes(out, field::resource::ATTRIBUTES, attributes);
-        });
-        for group in &self.groups {
-            put_message(out, f::SCOPE_SPANS, group.body_len, |out| {
-                self.write_scope_spans(out, group);
-            });
-        }
-        put_str(
-            out,
-            f::SCHEMA_URL,
-            self.resource.schema_url().unwrap_or_default(),
-        );
-    }
-
-    fn write_scope_spans(&self, out: &mut Vec<u8>, group: &ScopeGroup<'_>) {
-        use field::scope_spans as f;
-        let scope = group.scope;
-        put_scope(out, scope, group.scope_len);
-        for &i in &self.order[group.start..group.start + group.count] {
-            put_message(out, f::SPANS, self.span_lens[i], |out| {
-                put_span(out, &self.spans[i]);
-            });
-        }
-        put_str(out, f::SCHEMA_URL, scope.schema_url().unwrap_or_default());
-    }
-}
-
 /// The `scope` field of a `ScopeSpans` message.
 fn put_scope(out: &mut Vec<u8>, scope: &InstrumentationScope, scope_len: usize) {
     put_message(out, field::scope_spans::SCOPE, scope_len, |out| {
@@ -223,8 +129,8 @@ fn put_scope(out: &mut Vec<u8>, scope: &InstrumentationScope, scope_len: usize) 
 }
 
 /// Spans encoded one at a time, as they end, grouped by scope in order of first appearance;
-/// [`encode_request`](Self::encode_request) wraps them into the same bytes that
-/// [`encode_export_request`] makes of the same spans. Encoding at the end of each span, on the
+/// [`encode_request`](Self::encode_request) wraps them into an `ExportTraceServiceRequest`.
+/// Encoding at the end of each span, on the
 /// thread that ended it, reads the span while it is still in cache and frees it there; a batch
 /// queue of `SpanData` read later by another thread cost the proxy about a third of its CPU per
 /// call at concurrency 1 (cache misses, cross-thread frees), three times its instructions.
@@ -278,17 +184,19 @@ impl EncodedSpans {
     /// `resource` to `out`.
     pub fn encode_request(&self, resource: &Resource, out: &mut Vec<u8>) {
         use field::resource_spans as f;
+        // Each group's scope length and `ScopeSpans` body length, measured once.
         let groups: Vec<(&InstrumentationScope, &[u8], usize, usize)> = self
             .groups
             .iter()
             .map(|(scope, spans)| {
-                let g = ScopeGroup::new(scope);
-                (
-                    scope,
-                    spans.as_slice(),
-                    g.scope_len,
-                    g.body_len + spans.len(),
-                )
+                let scope_len = scope_len(scope);
+                let body_len = len_field_len(field::scope_spans::SCOPE, scope_len)
+                    + spans.len()
+                    + str_len(
+                        field::scope_spans::SCHEMA_URL,
+                        scope.schema_url().unwrap_or_default(),
+                    );
+                (scope, spans.as_slice(), scope_len, body_len)
             })
             .collect();
         let resource_len =
@@ -343,54 +251,12 @@ impl EncodedSpans {
     }
 }
 
-impl<'a> ScopeGroup<'a> {
-    fn new(scope: &'a InstrumentationScope) -> Self {
-        use field::scope as f;
-        let scope_len = str_len(f::NAME, scope.name())
-            + str_len(f::VERSION, scope.version().unwrap_or_default())
-            + attributes_len(f::ATTRIBUTES, pairs(scope.attributes()));
-        let schema_url = scope.schema_url().unwrap_or_default();
-        let body_len = len_field_len(field::scope_spans::SCOPE, scope_len)
-            + str_len(field::scope_spans::SCHEMA_URL, schema_url);
-        Self {
-            scope,
-            scope_len,
-            body_len,
-            start: 0,
-            count: 0,
-        }
-    }
-}
-
-/// Span indices grouped by `group_of`, setting each group's `start`. A counting sort: stable, so
-/// spans keep their input order inside a scope, as in the crate.
-fn order_by_group(groups: &mut [ScopeGroup<'_>], group_of: &[usize]) -> Vec<usize> {
-    let mut next = Vec::with_capacity(groups.len());
-    let mut start = 0;
-    for group in groups.iter_mut() {
-        group.start = start;
-        next.push(start);
-        start += group.count;
-    }
-    let mut order = vec![0; group_of.len()];
-    for (i, &g) in group_of.iter().enumerate() {
-        order[next[g]] = i;
-        next[g] += 1;
-    }
-    order
-}
-
-/// Batches carry a handful of scopes (one per instrumenting library) and runs of spans from the
-/// same one, so the previous span's group is tried first and the rest scanned linearly.
-fn find_group(
-    groups: &[ScopeGroup<'_>],
-    last: Option<usize>,
-    scope: &InstrumentationScope,
-) -> Option<usize> {
-    if let Some(last) = last.filter(|&g| same_scope(groups[g].scope, scope)) {
-        return Some(last);
-    }
-    groups.iter().position(|g| same_scope(g.scope, scope))
+/// Body length of an `InstrumentationScope` message.
+fn scope_len(scope: &InstrumentationScope) -> usize {
+    use field::scope as f;
+    str_len(f::NAME, scope.name())
+        + str_len(f::VERSION, scope.version().unwrap_or_default())
+        + attributes_len(f::ATTRIBUTES, pairs(scope.attributes()))
 }
 
 /// The scope's own `==` (the crate's grouping key) sorts both attribute lists into fresh

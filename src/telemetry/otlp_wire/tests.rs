@@ -23,7 +23,8 @@ fn reference(spans: &[SpanData], resource: &Resource) -> ExportTraceServiceReque
 fn encode(spans: &[SpanData], resource: &Resource) -> Vec<u8> {
     let mut out = Vec::new();
     encode_export_request(spans, resource, &mut out);
-    // Spans encoded one by one as they end make the same request.
+    // Spans encoded apart and added (as the span processor does) make the same request as
+    // spans encoded in place.
     let mut incremental = EncodedSpans::default();
     for (i, span) in spans.iter().enumerate() {
         // Both ways in: encoded in place, and encoded apart then added.
