@@ -2,7 +2,7 @@
 //! encoder in `telemetry::otlp_wire`.
 //!
 //! `cargo bench --bench otlp_encode`. One batch is 512 gen_ai client spans of 26 attributes,
-//! a full default `BatchSpanProcessor` export. Divide the time per iteration by 512 for the cost
+//! one full export batch. Divide the time per iteration by 512 for the cost
 //! per span. Both main paths consume the batch, as an exporter does, so both pay for dropping
 //! the `SpanData`; the third measures encoding alone into a reused buffer.
 #![allow(missing_docs, clippy::unwrap_used, clippy::expect_used)]
